@@ -1,0 +1,5 @@
+import sys
+
+from codraft.cli import main
+
+sys.exit(main())

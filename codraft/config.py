@@ -1,0 +1,443 @@
+"""Typed run configuration: one frozen dataclass per component, TOML in, TOML out.
+
+A run's configuration is `Config`, one section per component. It is built from a named preset
+(`codraft/presets/<name>.toml`), then an optional TOML file, then `--set section.key=value`
+overrides, in that order. Every key is checked against the dataclasses: an unknown key or a value
+of the wrong type raises `ConfigError` naming the key and the closest valid ones.
+
+    cfg = load_config(preset="smoke", overrides=["grpo.lr=3e-4", "run.steps=4"])
+    write_config(cfg, out_dir / "config.toml")
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import TypeAdapter, ValidationError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not fit the typed config."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 40
+    """Number of GRPO steps."""
+    seed: int = 0
+    """Seed for prompts, sampling, initialisation and training."""
+    eval_every: int = 10
+    """Evaluate on held-out prompts every this many steps (and before the first and after the last)."""
+    eval_temperature: float = 1.0
+    """Sampling temperature for held-out evaluation (1.0 = the policy's own distribution)."""
+    eval_samples: int = 2
+    """Completions sampled per held-out prompt; accuracy is their mean."""
+    threads: int = 0
+    """Torch threads for training (0 = all cores)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    """Local Hugging Face checkpoint directory (Qwen3 or Llama family, with tokenizer). Empty = build the testbed."""
+    cache_dir: str = ""
+    """Where built testbeds are cached (empty = $CODRAFT_CACHE or ~/.cache/codraft)."""
+    vocab_size: int = 384
+    """Testbed: byte-level BPE vocabulary size (special tokens included)."""
+    hidden_size: int = 256
+    """Testbed: model width."""
+    num_layers: int = 6
+    """Testbed: decoder layers."""
+    num_heads: int = 4
+    """Testbed: attention heads (head_dim = 64)."""
+    num_kv_heads: int = 2
+    """Testbed: key/value heads (grouped-query attention)."""
+    head_dim: int = 64
+    """Testbed: per-head width; vLLM's CPU attention needs 32, 64, 80, 96, 112, 128, ..."""
+    intermediate_size: int = 768
+    """Testbed: MLP width."""
+    max_len: int = 352
+    """Context length (prompt + completion) of the testbed and the engine."""
+    sft_steps: int = 800
+    """Testbed: supervised warm-start steps on worked solutions."""
+    sft_batch_size: int = 16
+    """Testbed: sequences per supervised step."""
+    sft_lr: float = 3e-3
+    """Testbed: peak learning rate of the supervised warm start (cosine decay)."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "arith"
+    """Task: `arith` (multi-step arithmetic), `countdown` (reach a target number), `gsm8k` (local file)."""
+    seed: int = 0
+    """Seed of the synthetic problems (fixed across run seeds, so runs share prompts and testbed)."""
+    path: str = ""
+    """`gsm8k`: local JSONL or Parquet file with `question` and `answer` ending in `#### <number>`."""
+    eval_path: str = ""
+    """`gsm8k`: optional separate held-out file (otherwise the last `num_eval` rows are held out)."""
+    num_train: int = 4000
+    """Training prompts (synthetic tasks generate this many)."""
+    num_eval: int = 64
+    """Held-out evaluation prompts, disjoint from training prompts."""
+    min_ops: int = 2
+    """Synthetic tasks: fewest operations in a problem."""
+    max_ops: int = 16
+    """Synthetic tasks: most operations in a problem (longer problems give longer worked solutions)."""
+    ops_decay: float = 0.8
+    """Synthetic tasks: P(n ops) is proportional to ops_decay ** (n - min_ops), a long tail of long problems."""
+    max_operand: int = 9
+    """Synthetic tasks: largest operand."""
+    max_value: int = 9
+    """`arith`: the running value stays within 0..max_value (operations are chosen to keep it there)."""
+    careful_share: float = 0.1
+    """`arith` warm-start data: share of solutions in the careful, verbose style (the rest are terse)."""
+    terse_error: float = 0.15
+    """`arith` warm-start data: chance that a terse step's result is off by one (careful steps: a tenth of it)."""
+    answer_reward: float = 1.0
+    """Reward for an exactly correct final answer."""
+    format_reward: float = 0.1
+    """Reward for a well-formed completion (`#### <number>` and a stop token)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: Literal["vllm", "reference"] = "vllm"
+    """Rollout engine: `vllm` (in-process vLLM) or `reference` (plain PyTorch, slow; for tests)."""
+    prompts_per_step: int = 8
+    """Prompts per GRPO step."""
+    group_size: int = 8
+    """Completions per prompt (G); advantages are normalised within a group."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of rollouts (1.0 = off)."""
+    max_new_tokens: int = 256
+    """Longest completion; longer ones are cut and get no format reward."""
+    dtype: str = "bfloat16"
+    """Engine weight dtype."""
+    enforce_eager: bool = True
+    """Run vLLM without torch.compile (fast start-up); False compiles (slower start, faster steps)."""
+    kv_cache_gib: float = 0.5
+    """CPU backend: memory reserved for the KV cache, GiB."""
+    gpu_memory_utilization: float = 0.5
+    """GPU backend: fraction of GPU memory vLLM may use (shared with training when colocated)."""
+    tensor_parallel_size: int = 1
+    """GPU backend: vLLM tensor parallelism of the rollout engine."""
+    max_num_seqs: int = 256
+    """Most sequences the engine runs at once."""
+    cpu_rejection_fix: bool = True
+    """CPU backend: replace vLLM's broken per-token expansion in the rejection sampler (see codraft/cpu_fixes.py).
+    Turn off only to demonstrate the bug."""
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    lr: float = 3e-5
+    """AdamW learning rate of the policy."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    clip_low: float = 0.2
+    """PPO clip range below 1 for the importance ratio."""
+    clip_high: float = 0.28
+    """PPO clip range above 1 (asymmetric, as in DAPO)."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the frozen reference (k3 estimator); 0 skips the reference."""
+    scale_rewards: bool = True
+    """Divide group-centred rewards by the group's standard deviation."""
+    mini_batches: int = 1
+    """Optimizer steps per GRPO step (the rollout batch is split into this many mini-batches)."""
+    micro_batch_tokens: int = 4096
+    """Most (padded) tokens per forward/backward micro-batch."""
+    behavior_logprobs: Literal["recompute", "engine"] = "recompute"
+    """Log-probs of the generating policy: recomputed by the trainer in fp32, or the engine's."""
+    autocast_bf16: bool = True
+    """Train and score under bf16 autocast (CPU and GPU); master weights stay fp32."""
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    kind: str = "none"
+    """Drafter kind: `none` (no speculation) or a registered drafter (`eagle3`, `mtp`, `draft_model`)."""
+    num_speculative_tokens: int = 3
+    """Tokens drafted per verify step (k)."""
+    k_schedule: str = ""
+    """k by running batch size, `lo-hi:k,...` (e.g. `1-8:3,9-1024:0`), `auto`, or empty (always k)."""
+    path: str = ""
+    """Start from this drafter checkpoint instead of warm-starting one."""
+    aux_layers: tuple[int, ...] = ()
+    """EAGLE-3: the three target layers whose entering residual stream is fused (empty = automatic)."""
+    draft_vocab_size: int = 0
+    """EAGLE-3: size of the reduced draft vocabulary, most frequent tokens first (0 = the target's)."""
+    num_layers: int = 1
+    """`draft_model`: decoder layers of the small draft model (1-2)."""
+    warmup_steps: int = 150
+    """Distillation steps of the warm start against the SFT policy."""
+    lr: float = 1e-3
+    """Drafter learning rate (warm start and refreshes)."""
+    batch_size: int = 32
+    """Sequences per distillation step."""
+    loss: Literal["fkl", "rkl", "tv", "ce"] = "fkl"
+    """Distillation loss: forward KL, reverse KL, total variation, or hard-token cross-entropy."""
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    policy: str = "never"
+    """Refresh policy, by registered name (`codraft policies` lists them)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """The refresh policy's own config fields (`controller.args.<field>`)."""
+    distill_steps: int = 40
+    """Distillation steps per refresh, unless the refresh policy sets a budget."""
+    distill_tokens: int = 0
+    """Stop a refresh's distillation after this many aligned positions (0 = no token budget)."""
+    buffer_steps: int = 3
+    """Recent GRPO steps whose rollouts (features + policy distributions) are kept for distillation."""
+    teacher_top_k: int = 0
+    """Keep the policy's top-k next-token probabilities per position (0 = the full distribution)."""
+    holdout_fraction: float = 0.25
+    """Share of each step's rollouts held out to measure teacher-forced acceptance and gate swaps."""
+    reward_weighting: float = 0.0
+    """Weight rollouts by exp(reward_weighting * reward) in distillation (0 = uniform)."""
+    gate: bool = True
+    """Swap a refreshed drafter in only if its teacher-forced acceptance beats the serving one's."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/latest"
+    """Run directory (overridden by `--out`)."""
+    samples_per_step: int = 4
+    """Rollouts written to samples.jsonl per step."""
+    save_policy_every: int = 0
+    """Also save the policy every this many steps (0 = only at the end)."""
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars (needs the `tensorboard` package)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# building configs from dictionaries
+
+
+def _closest(name: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(n) for n in near)}?" if near else f"; valid keys: {', '.join(options)}"
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def check_value(key: str, tp: Any, value: Any) -> Any:
+    """Validate `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    try:
+        return TypeAdapter(tp).validate_python(value, strict=True)
+    except ValidationError:
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if typing.get_origin(tp) is tuple and isinstance(value, list):
+            return check_value(key, tp, tuple(value))
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested `data`, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'{_closest(key, names)}")
+        tp = hints[key]
+        kwargs[key] = from_dict(tp, value, full + ".") if _is_dataclass_type(tp) else check_value(full, tp, value)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a TOML-ready nested dict (tuples become lists)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value: a TOML literal if it parses as one (numbers, booleans, arrays, quoted strings), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
+    """Apply one `section.key=value` override to a nested dict, checking the key path exists."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    path, text = override.split("=", 1)
+    parts = path.strip().split(".")
+    cls: Any = Config
+    for i, part in enumerate(parts):
+        if not _is_dataclass_type(cls):
+            if typing.get_origin(cls) is dict:  # free-form table (a plug-in's own config), checked later
+                break
+            raise ConfigError(f"config key '{'.'.join(parts[:i])}' is a value, not a section")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}'{_closest(part, names)}")
+        cls = typing.get_type_hints(cls)[part]
+    if _is_dataclass_type(cls):
+        raise ConfigError(f"config key '{path}' is a section; set one of its keys, e.g. '{path}.{dataclasses.fields(cls)[0].name}=...'")
+    nested: dict[str, Any] = _parse_value(text.strip())
+    for part in reversed(parts):
+        nested = {part: nested}
+    return _merge(data, nested)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def load_config(preset: str | None = "default", path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Preset, then file, then `section.key=value` overrides; validated against `Config`."""
+    data: dict[str, Any] = {}
+    if preset:
+        if preset not in preset_names():
+            raise ConfigError(f"unknown preset {preset!r}{_closest(preset, preset_names())}")
+        data = read_toml(PRESET_DIR / f"{preset}.toml")
+    if path:
+        data = _merge(data, read_toml(Path(path)))
+    for override in overrides:
+        data = apply_override(data, override)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types cannot express; each error names the key."""
+    checks = [
+        ("run.steps", cfg.run.steps >= 1, "must be >= 1"),
+        ("run.eval_every", cfg.run.eval_every >= 0, "must be >= 0"),
+        ("run.eval_samples", cfg.run.eval_samples >= 1, "must be >= 1"),
+        ("rollout.group_size", cfg.rollout.group_size >= 2, "must be >= 2 (advantages are relative within a group)"),
+        ("rollout.prompts_per_step", cfg.rollout.prompts_per_step >= 1, "must be >= 1"),
+        ("rollout.temperature", cfg.rollout.temperature >= 0, "must be >= 0"),
+        ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "must be in (0, 1]"),
+        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens >= 1, "must be >= 1"),
+        ("grpo.lr", cfg.grpo.lr > 0, "must be > 0"),
+        ("grpo.clip_low", 0 <= cfg.grpo.clip_low < 1, "must be in [0, 1)"),
+        ("grpo.clip_high", cfg.grpo.clip_high >= 0, "must be >= 0"),
+        ("grpo.kl_coef", cfg.grpo.kl_coef >= 0, "must be >= 0"),
+        ("grpo.mini_batches", cfg.grpo.mini_batches >= 1, "must be >= 1"),
+        ("grpo.max_grad_norm", cfg.grpo.max_grad_norm > 0, "must be > 0"),
+        ("drafter.num_speculative_tokens", cfg.drafter.num_speculative_tokens >= 1, "must be >= 1 (use drafter.kind=none for no speculation)"),
+        ("drafter.lr", cfg.drafter.lr > 0, "must be > 0"),
+        ("drafter.warmup_steps", cfg.drafter.warmup_steps >= 0, "must be >= 0"),
+        ("controller.distill_steps", cfg.controller.distill_steps >= 1, "must be >= 1"),
+        ("controller.buffer_steps", cfg.controller.buffer_steps >= 1, "must be >= 1"),
+        ("controller.holdout_fraction", 0 < cfg.controller.holdout_fraction < 1, "must be in (0, 1)"),
+        ("controller.teacher_top_k", cfg.controller.teacher_top_k >= 0, "must be >= 0"),
+        ("model.sft_lr", cfg.model.sft_lr > 0, "must be > 0"),
+        ("model.head_dim", cfg.model.head_dim in (32, 64, 80, 96, 112, 128, 256), "must be one of 32, 64, 80, 96, 112, 128, 256 (vLLM CPU attention)"),
+        ("task.num_eval", cfg.task.num_eval >= 1, "must be >= 1"),
+        ("task.min_ops", 1 <= cfg.task.min_ops <= cfg.task.max_ops, "must be >= 1 and <= task.max_ops"),
+        ("task.ops_decay", 0 < cfg.task.ops_decay <= 1, "must be in (0, 1]"),
+    ]
+    for key, ok, message in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {message}")
+
+
+def write_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as TOML (atomically)."""
+    from codraft.io import atomic_write_text
+
+    atomic_write_text(path, tomli_w.dumps(to_dict(cfg)))
+
+
+def config_from_toml(path: Path) -> Config:
+    """Read a resolved config written by `write_config` (no preset underneath)."""
+    return load_config(preset=None, path=path)
+
+
+def section_fields(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, docstring) per field of a config dataclass, for help output."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    except (OSError, TypeError, SyntaxError):
+        pass
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out.append((f.name, _type_name(hints[f.name]), default, docs.get(f.name, "")))
+    return out
+

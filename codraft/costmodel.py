@@ -1,0 +1,216 @@
+"""Cost model of speculative generation: how long a rollout batch takes to generate, given its
+completion lengths, the drafter's per-token acceptance alpha and k (or a k schedule by running
+batch size). Pure Python.
+
+One engine step of a running batch of b sequences, each drafting k tokens, costs
+
+    step_s(b, k) = t0 + t1 * b * (k + 1)   +   k * (d0 + d1 * b)
+                   (target verifies k+1 each)   (k drafter steps)
+
+a per-step floor t0 plus target compute per verified token t1, and k drafter steps, each with its
+own floor d0 and per-sequence cost d1 (k = 0 is plain decoding: t0 + t1 * b). A sequence of n tokens
+needs about n / E verify steps, E = tokens_per_verify(alpha, k) (Leviathan et al. 2023); the
+running batch shrinks as sequences finish, so the long tail of a rollout batch runs at small b.
+
+A batch's predicted seconds are linear in (t0, t1, d0, d1), so the model calibrates online from the
+run's own timings: every observed batch adds one row to a non-negative least-squares fit, pulled
+gently toward priors (DESIGN.md's compiled 25M-target CPU figures) so it is usable from step one.
+
+    model = CostModel()
+    model.predict_gen_s([120, 80, 192], alpha=0.6, k_schedule=((1, 8, 3), (9, 256, 0)))
+    model.observe([120, 80, 192], 0.6, 3, gen_seconds=2.9, speculative=True)
+    model.best_k_schedule(alpha=0.6, batch_sizes=range(1, 257))   # ((1, 9, 1), (10, 256, 0)) with the priors
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import astuple, dataclass
+from typing import Any, Iterable, Sequence
+
+KSchedule = int | tuple[tuple[int, int, int], ...]
+"""k for every running batch size (an int), or inclusive (lo, hi, k) ranges; uncovered sizes use k = 0."""
+
+
+def tokens_per_verify(alpha: float, k: int) -> float:
+    """Expected tokens emitted per verify step: (1 - alpha^(k+1)) / (1 - alpha); k + 1 at alpha = 1."""
+    if k <= 0:
+        return 1.0
+    alpha = min(max(alpha, 0.0), 1.0)
+    if alpha == 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def alpha_from_accept_len(accept_len: float, k: int) -> float:
+    """The alpha with tokens_per_verify(alpha, k) == accept_len (bisection); clamped to [0, 1], NaN if unknown."""
+    if math.isnan(accept_len) or k <= 0:
+        return math.nan
+    if accept_len <= 1.0:
+        return 0.0
+    if accept_len >= k + 1:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # tokens_per_verify increases with alpha; 2^-60 is below float resolution
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if tokens_per_verify(mid, k) < accept_len else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def k_at(k_schedule: KSchedule, b: int) -> int:
+    """k drafted at running batch size b."""
+    if isinstance(k_schedule, int):
+        return k_schedule
+    return next((k for lo, hi, k in k_schedule if lo <= b <= hi), 0)
+
+
+def batch_profile(lengths: Iterable[int], alpha: float, k_schedule: KSchedule) -> tuple[float, float, float, float]:
+    """Generating sequences of `lengths` together: (engine steps, verified tokens, drafter steps,
+    drafter sequence-steps), the coefficients of (t0, t1, d0, d1) in the batch's seconds."""
+    remaining = sorted(float(n) for n in lengths if n > 0)  # tokens still to emit, per running sequence
+    steps = verified = draft_steps = draft_seqs = 0.0
+    while remaining:
+        b = len(remaining)
+        k = k_at(k_schedule, b)
+        per_step = tokens_per_verify(alpha, k)
+        n = max(1, math.ceil(remaining[0] / per_step - 1e-9))  # steps until the shortest one finishes
+        steps += n
+        verified += n * b * (k + 1)
+        draft_steps += n * k
+        draft_seqs += n * k * b
+        remaining = [r - n * per_step for r in remaining if r - n * per_step > 1e-9]
+    return steps, verified, draft_steps, draft_seqs
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """The model's parameters, seconds."""
+
+    t0: float
+    """Target: floor of one engine step, whatever the batch."""
+    t1: float
+    """Target: compute per verified token (b * (k + 1) of them per step)."""
+    d0: float
+    """Drafter: floor of one drafting step (k of them per speculative engine step)."""
+    d1: float
+    """Drafter: compute per sequence per drafting step."""
+
+    def step_s(self, b: int, k: int) -> float:
+        return self.t0 + self.t1 * b * (k + 1) + k * (self.d0 + self.d1 * b)
+
+
+@dataclass(frozen=True)
+class CostModelConfig:
+    t0: float = 5e-3
+    """Prior target step floor, seconds (25M target, compiled, CPU: ~5 ms)."""
+    t1: float = 2e-4
+    """Prior target compute per verified token, seconds (CPU: ~0.18 ms per sequence at batch 64)."""
+    d0: float = 2e-3
+    """Prior drafter step floor, seconds (~0.4 of the target's)."""
+    d1: float = 2e-5
+    """Prior drafter compute per sequence per drafting step, seconds."""
+    prior_weight: float = 1e-3
+    """Seconds of fit error that one parameter off by 100% of its prior weighs as (> 0; small = trust data)."""
+    window: int = 64
+    """Fit on the most recent this many observed batches (older timings age out)."""
+
+
+class CostModel:
+    """Predicts rollout generation seconds and the best k; calibrates itself from observed batches."""
+
+    def __init__(self, config: CostModelConfig | None = None):
+        self.config = config or CostModelConfig()
+        c = self.config
+        if min(c.t0, c.t1, c.d0, c.d1, c.prior_weight) <= 0 or c.window < 1:
+            raise ValueError(f"cost model priors and prior_weight must be > 0 and window >= 1, got {c}")
+        self.prior = StepCosts(c.t0, c.t1, c.d0, c.d1)
+        self.costs = self.prior
+        self.records: list[tuple[float, float, float, float, float]] = []
+        """Per observed batch: its profile (see `batch_profile`) and the measured seconds."""
+
+    def step_s(self, b: int, k: int) -> float:
+        return self.costs.step_s(b, k)
+
+    def predict_gen_s(self, lengths: Sequence[int], alpha: float, k_schedule: KSchedule) -> float:
+        """Seconds to generate sequences of `lengths` at acceptance alpha under `k_schedule`."""
+        return sum(p * c for p, c in zip(batch_profile(lengths, alpha, k_schedule), astuple(self.costs)))
+
+    def observe(self, lengths: Sequence[int], alpha: float, k_schedule: KSchedule, gen_seconds: float, speculative: bool) -> None:
+        """Record one generated batch (plain decoding when not `speculative`) and refit the parameters."""
+        if not any(n > 0 for n in lengths) or not gen_seconds > 0:
+            return
+        profile = batch_profile(lengths, alpha, k_schedule) if speculative else batch_profile(lengths, 0.0, 0)
+        self.records = (self.records + [(*profile, float(gen_seconds))])[-self.config.window :]
+        self.costs = self._fit()
+
+    def _fit(self) -> StepCosts:
+        """Minimise sum (profile . theta - seconds)^2 + w^2 * sum (theta_j / prior_j - 1)^2 over theta >= 0.
+        Solved in units of the priors (u_j = theta_j / prior_j), exactly, by trying every active set."""
+        prior = astuple(self.prior)
+        w2 = self.config.prior_weight**2
+        n = len(prior)
+        rows = [[x * p for x, p in zip(r[:n], prior)] for r in self.records]  # seconds per unit of u
+        gram = [[sum(r[i] * r[j] for r in rows) + (w2 if i == j else 0.0) for j in range(n)] for i in range(n)]
+        rhs = [sum(r[i] * rec[n] for r, rec in zip(rows, self.records)) + w2 for i in range(n)]
+        best_u, best_obj = [1.0] * n, math.inf
+        for size in range(n + 1):
+            for free in itertools.combinations(range(n), size):
+                sub = _solve([[gram[i][j] for j in free] for i in free], [rhs[i] for i in free])
+                u = [0.0] * n
+                for i, v in zip(free, sub):
+                    u[i] = v
+                if min(u) < 0:
+                    continue
+                obj = sum(u[i] * gram[i][j] * u[j] for i in range(n) for j in range(n)) - 2 * sum(x * y for x, y in zip(u, rhs))
+                if obj < best_obj:
+                    best_u, best_obj = u, obj
+        return StepCosts(*(u * p for u, p in zip(best_u, prior)))
+
+    def time_per_token(self, alpha: float, k: int, b: int) -> float:
+        """Seconds per emitted token at running batch size b."""
+        return self.step_s(b, k) / (b * tokens_per_verify(alpha, k))
+
+    def speedup(self, alpha: float, k: int, b: int) -> float:
+        """Throughput of drafting k tokens over plain decoding, at running batch size b."""
+        return self.time_per_token(alpha, 0, b) / self.time_per_token(alpha, k, b)
+
+    def best_k(self, alpha: float, b: int, ks: Sequence[int] = (0, 1, 2, 3, 5)) -> int:
+        """The k of `ks` with the least time per emitted token at batch size b (smaller k on ties)."""
+        return min(ks, key=lambda k: (self.time_per_token(alpha, k, b), k))
+
+    def best_k_schedule(self, alpha: float, batch_sizes: Iterable[int], ks: Sequence[int] = (0, 1, 2, 3, 5)) -> tuple[tuple[int, int, int], ...]:
+        """Inclusive (lo, hi, k) ranges covering 1..max(batch_sizes): each evaluated size b sets k for
+        the sizes above the previous one up to b (pass `range(1, max_num_seqs + 1)` to evaluate all)."""
+        ranges: list[tuple[int, int, int]] = []
+        lo = 1
+        for b in sorted(set(batch_sizes)):
+            k = self.best_k(alpha, b, ks)
+            if ranges and ranges[-1][2] == k:
+                ranges[-1] = (ranges[-1][0], b, k)
+            else:
+                ranges.append((lo, b, k))
+            lo = b + 1
+        return tuple(ranges)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"costs": list(astuple(self.costs)), "records": [list(r) for r in self.records]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.costs = StepCosts(*state["costs"])
+        self.records = [tuple(r) for r in state["records"]]  # type: ignore[misc]
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve a x = b for a small symmetric positive-definite a (Gaussian elimination, partial pivoting)."""
+    n = len(b)
+    m = [row[:] + [rhs] for row, rhs in zip(a, b)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x

@@ -1,0 +1,194 @@
+"""The drafter interface: a draft head that is distilled in PyTorch and served by vLLM.
+
+A drafter kind is one module under `drafters/`, registered by name:
+
+    @DRAFTERS.register("eagle3")
+    class Eagle3Drafter(Drafter): ...
+
+    drafter = DRAFTERS.get("eagle3").build(policy, cfg.drafter)      # fits the target's shapes
+    outs = drafter.unroll(features, target_parts(policy), steps=3)   # teacher-forced draft logits
+    drafter.export(run_dir / "drafter")                               # config.json + model.safetensors
+    engine_kwargs = drafter.speculative_config(run_dir / "drafter", k=3)
+
+`unroll` returns, per draft step j, draft logits over the target vocabulary [B, T, V] and the shift
+s_j that aligns them with the target: the draft distribution at position i competes with the
+policy's next-token distribution at position i + s_j (its logits row i + s_j).
+
+Checkpoint names are the ones vLLM's loader reads, so the same tensors also hot-swap in place.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from codraft.config import DrafterConfig
+from codraft.io import atomic_dir
+from codraft.registry import Registry
+
+
+class DrafterMismatch(ValueError):
+    """A drafter checkpoint that does not fit the target (shapes, vocabulary, layer ids)."""
+
+
+@dataclass
+class Features:
+    """What a drafter reads from one policy forward pass over a batch of sequences."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    aux: torch.Tensor | None = None  # [B, T, n_aux * H] residual stream entering the chosen layers (EAGLE-3)
+    last: torch.Tensor | None = None  # [B, T, H] final hidden state after the final norm (MTP)
+
+
+@dataclass
+class TargetParts:
+    """The target's live input embedding and output head, which some drafters share at serving time."""
+
+    embed: torch.Tensor  # [V, H]
+    lm_head: torch.Tensor  # [V, H]
+
+
+def target_parts(policy: nn.Module) -> TargetParts:
+    return TargetParts(policy.get_input_embeddings().weight.detach(), policy.get_output_embeddings().weight.detach())
+
+
+def features_from_forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states: tuple, aux_layers: tuple[int, ...], need_last: bool) -> Features:
+    """Features from a Hugging Face forward with `output_hidden_states=True`.
+
+    `hidden_states[L]` (L < num_layers) is the residual stream entering layer L, which is what vLLM
+    hands EAGLE-3 for aux layer id L; `hidden_states[-1]` is after the final norm, which is what
+    vLLM hands an MTP head.
+    """
+    aux = torch.cat([hidden_states[layer] for layer in aux_layers], dim=-1).float() if aux_layers else None
+    last = hidden_states[-1].float() if need_last else None
+    return Features(input_ids, attention_mask, aux, last)
+
+
+def shifted(ids: torch.Tensor, shift: int, pad: int = 0) -> torch.Tensor:
+    """ids[:, i + shift] at position i, `pad` past the end. [B, T] -> [B, T]."""
+    out = torch.full_like(ids, pad)
+    if shift < ids.shape[1]:
+        out[:, : ids.shape[1] - shift] = ids[:, shift:]
+    return out
+
+
+def target_shape(config) -> dict:
+    """The facts about a Hugging Face target config that drafters must fit."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    return {
+        "hidden_size": hidden,
+        "num_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+        "num_heads": heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", heads) or heads,
+        "head_dim": getattr(config, "head_dim", None) or hidden // heads,
+        "intermediate_size": config.intermediate_size,
+        "rms_norm_eps": getattr(config, "rms_norm_eps", 1e-6),
+        "rope_theta": _rope_theta(config),
+        "max_position_embeddings": config.max_position_embeddings,
+    }
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+class Drafter(nn.Module):
+    """Base class of draft heads. Subclasses define the architecture, export and serving route."""
+
+    name: ClassVar[str] = "drafter"
+    method: ClassVar[str] = ""  # vLLM speculative method that serves this kind
+    aux_layers: tuple[int, ...] = ()  # target layers whose entering residual stream the head reads
+    needs_last: bool = False  # whether the head reads the target's final hidden state
+
+    @classmethod
+    def build(cls, policy: nn.Module, cfg: DrafterConfig) -> "Drafter":
+        raise NotImplementedError
+
+    def unroll(self, feats: Features, target: TargetParts, steps: int) -> list[tuple[torch.Tensor, int]]:
+        raise NotImplementedError
+
+    def hf_config(self) -> dict:
+        """config.json of the exported checkpoint."""
+        raise NotImplementedError
+
+    def serving_weights(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors, named as vLLM's loader for this kind reads them."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, weights: dict[str, torch.Tensor], policy: nn.Module) -> "Drafter":
+        raise NotImplementedError
+
+    def check_fits(self, policy_config) -> None:
+        """Raise DrafterMismatch if this drafter cannot serve next to `policy_config`."""
+
+    def load_serving_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy checkpoint-named tensors into this drafter, checking names and shapes first."""
+        mine = {k: v for k, v in self.serving_weights().items() if k != "d2t"}
+        missing = sorted(set(mine) - set(weights))
+        if missing:
+            raise DrafterMismatch(f"{self.name} checkpoint lacks {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        for name, tensor in mine.items():
+            if tuple(weights[name].shape) != tuple(tensor.shape):
+                raise DrafterMismatch(f"{self.name} weight {name} has shape {tuple(weights[name].shape)}, this drafter needs {tuple(tensor.shape)}")
+        with torch.no_grad():
+            for name, tensor in mine.items():
+                tensor.copy_(weights[name].to(tensor.dtype))
+
+    def speculative_config(self, path: Path, k: int) -> dict:
+        return {"method": self.method, "model": str(path), "num_speculative_tokens": k}
+
+    # ------------------------------------------------------------------ files
+    def export(self, path: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Write config.json + model.safetensors atomically (the old checkpoint stays until done)."""
+        from safetensors.torch import save_file
+
+        weights = {k: v.detach().to(dtype).contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu() for k, v in self.serving_weights().items()}
+        check_finite(weights, path)
+        with atomic_dir(path) as tmp:
+            (tmp / "config.json").write_text(json.dumps({**self.hf_config(), "codraft_kind": self.name}, indent=2))
+            save_file(weights, str(tmp / "model.safetensors"))
+
+
+def check_finite(weights: dict[str, torch.Tensor], where) -> None:
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"drafter weight {name} holds non-finite values; refusing to write or serve it ({where})")
+
+
+DRAFTERS: Registry[Drafter] = Registry("drafter kind", plugin_package="drafters")
+
+
+def load_drafter(path: Path, policy: nn.Module) -> Drafter:
+    """Read a drafter checkpoint written by `Drafter.export`, checking it fits `policy`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / "config.json", path / "model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"drafter checkpoint {path} needs config.json and model.safetensors")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise DrafterMismatch(f"drafter config {config_file} is not valid JSON: {err}") from None
+    kind = config.get("codraft_kind")
+    if kind is None:
+        raise DrafterMismatch(f"drafter config {config_file} has no codraft_kind (not written by codraft)")
+    try:
+        weights = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DrafterMismatch(f"drafter weights {weights_file} cannot be read (corrupt safetensors?): {err}") from None
+    drafter = DRAFTERS.get(kind).from_checkpoint(config, weights, policy)
+    drafter.check_fits(policy.config)
+    return drafter

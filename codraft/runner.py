@@ -1,0 +1,248 @@
+"""A run: the objects a GRPO step works with, its outputs, and the loop over steps.
+
+    run = Run(cfg, Path("runs/x"))
+    run.train()            # writes config.toml, metrics.jsonl, samples.jsonl, policy/
+
+Output directory layout:
+    config.toml     the resolved configuration
+    metrics.jsonl   one line per step (flat namespaced keys), plus a final evaluation line
+    samples.jsonl   a few rollouts per step: prompt, completion, reward
+    policy/         the latest policy (Hugging Face format, with tokenizer)
+    drafter/        the serving drafter, in vLLM's format (when speculating)
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codraft.batch import TokenBatch
+from codraft.config import Config, ConfigError, write_config
+from codraft.engine import Generation, Sampling, make_engine
+from codraft.grpo import GRPOTrainer, Scored
+from codraft.io import append_jsonl, atomic_dir
+from codraft.loop import grpo_step
+from codraft.metrics import MetricsSink, stage_shares
+from codraft.tasks import make_task
+from codraft.testbed import policy_source
+
+
+class NoController:
+    """No speculation: nothing to observe, nothing to refresh."""
+
+    def on_policy_forward(self, batch, gen):
+        return None
+
+    def after_step(self, step, gen, timer) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class Run:
+    def __init__(self, cfg: Config, run_dir: Path, log=print):
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        self.log = log
+        self._prepare_dir()
+        write_config(cfg, self.dir / "config.toml")
+        torch.manual_seed(cfg.run.seed)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+
+        self.task = make_task(cfg.task, cfg.task.seed)
+        train, held_out = self.task.splits()
+        self.policy_dir = policy_source(cfg, self.task, log=log)
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.train_prompts = self._encode(train, "train")
+        self.eval_prompts = self._encode(held_out, "held-out")
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        attention = "eager" if device == "cpu" else "sdpa"  # eager attention trains faster on CPU here
+        policy = AutoModelForCausalLM.from_pretrained(self.policy_dir, dtype=torch.float32, attn_implementation=attention).to(device)
+        reference = None
+        if cfg.grpo.kl_coef > 0:
+            reference = AutoModelForCausalLM.from_pretrained(self.policy_dir, dtype=torch.float32, attn_implementation=attention).to(device).eval()
+            reference.requires_grad_(False)
+        self.trainer = GRPOTrainer(policy, cfg.grpo, cfg.rollout.temperature, reference)
+
+        self.controller, speculative = self._make_controller()
+        self.engine = make_engine(cfg, self.policy_dir, speculative=speculative, drafter_runtime=getattr(self.controller, "runtime", None))
+        self.sink = MetricsSink(self.dir / "metrics.jsonl", tensorboard=cfg.output.tensorboard)
+        self.records: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _prepare_dir(self) -> None:
+        if (self.dir / "metrics.jsonl").exists():
+            raise FileExistsError(f"output directory {self.dir} already holds a run (metrics.jsonl); pick another --out")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(f"output directory {self.dir} is not writable: {err.strerror}") from None
+
+    def _encode(self, ds, split: str) -> list[dict[str, Any]]:
+        ids = self.tokenizer(list(ds["prompt"]), add_special_tokens=False).input_ids
+        limit = self.cfg.model.max_len - self.cfg.rollout.max_new_tokens
+        out = []
+        for i, (row, prompt_ids) in enumerate(zip(ds, ids)):
+            if len(prompt_ids) > limit:
+                raise ConfigError(
+                    f"{split} prompt {i} has {len(prompt_ids)} tokens; with rollout.max_new_tokens={self.cfg.rollout.max_new_tokens} "
+                    f"it does not fit model.max_len={self.cfg.model.max_len} (raise model.max_len or shorten the prompts)"
+                )
+            out.append({**row, "ids": prompt_ids})
+        if not out:
+            raise ValueError(f"the task yielded no {split} prompts")
+        return out
+
+    def _make_controller(self):
+        if self.cfg.drafter.kind == "none":
+            return NoController(), None
+        from codraft.controller import Controller
+
+        controller = Controller(self)
+        return controller, controller.speculative_config()
+
+    # ------------------------------------------------------------------ what a step asks for
+    def prompts_for_step(self, step: int) -> list[dict[str, Any]]:
+        """P prompts for this step: an epoch-wise shuffle of the training prompts (seeded)."""
+        P = self.cfg.rollout.prompts_per_step
+        n = len(self.train_prompts)
+        out = []
+        for k in range(step * P, (step + 1) * P):
+            epoch, pos = divmod(k, n)
+            order = list(range(n))
+            random.Random(f"{self.cfg.run.seed}-{epoch}").shuffle(order)
+            out.append(self.train_prompts[order[pos]])
+        return out
+
+    def seed_for(self, step: int) -> int:
+        return self.cfg.run.seed * 1_000_003 + step
+
+    def should_eval(self, step: int) -> bool:
+        every = self.cfg.run.eval_every
+        return every > 0 and step % every == 0
+
+    def score(self, prompts: list[dict[str, Any]], gen: Generation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rewards, correct, formatted = [], [], []
+        texts = self.tokenizer.batch_decode([c.token_ids for c in gen.completions], skip_special_tokens=True)
+        for c, text in zip(gen.completions, texts):
+            p = prompts[c.prompt_index]
+            s = self.task.score(text, p["prompt"], p["answer"], c.finished)
+            rewards.append(self.task.reward(s))
+            correct.append(float(s.correct))
+            formatted.append(float(s.formatted))
+        self._last_texts = texts
+        self.last_rewards = torch.tensor(rewards)
+        return self.last_rewards, torch.tensor(correct), torch.tensor(formatted)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Accuracy on the held-out prompts, sampled at `run.eval_temperature`."""
+        t0 = time.perf_counter()
+        n = self.cfg.run.eval_samples
+        sampling = Sampling(self.cfg.run.eval_temperature, 1.0, self.cfg.rollout.max_new_tokens)
+        gen = self.engine.generate([p["ids"] for p in self.eval_prompts], n=n, sampling=sampling, seed=10**9 + self.cfg.run.seed)
+        _, correct, formatted = self.score(self.eval_prompts, gen)
+        out = {
+            "eval/accuracy": correct.mean().item(),
+            "eval/format": formatted.mean().item(),
+            "eval/mean_len": gen.num_tokens / len(gen.completions),
+            "time/eval_s": time.perf_counter() - t0,
+        }
+        if gen.acceptance is not None:
+            out["eval/accept_len"] = gen.acceptance.accept_len
+        return out
+
+    def engine_logp(self, batch: TokenBatch, gen: Generation) -> torch.Tensor:
+        """The engine's sampled-token log-probs laid out like `Scored.old_logp` [B, T-1]."""
+        out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
+        for i, c in enumerate(gen.completions):
+            start = int(batch.completion_mask[i].nonzero()[0]) - 1 if c.token_ids else 0
+            out[i, start : start + len(c.logprobs)] = torch.tensor(c.logprobs)
+        return out
+
+    def logprob_gap(self, batch: TokenBatch, scored: Scored, gen: Generation) -> float:
+        """Mean |engine log-prob - trainer log-prob| over completion tokens (bf16 engine vs fp32 trainer)."""
+        if scored.old_logp is None:
+            return float("nan")
+        mask = batch.target_mask.float()
+        return float(((self.engine_logp(batch, gen) - scored.old_logp).abs() * mask).sum() / mask.sum().clamp(min=1))
+
+    def write_samples(self, step: int, prompts, gen: Generation, rewards: torch.Tensor, correct: torch.Tensor) -> None:
+        G = self.cfg.rollout.group_size
+        for k in range(min(self.cfg.output.samples_per_step, len(gen.completions))):
+            i = (k * G + k) % len(gen.completions)  # spread over groups
+            c = gen.completions[i]
+            append_jsonl(
+                self.dir / "samples.jsonl",
+                {"step": step, "prompt": prompts[c.prompt_index]["prompt"], "completion": self._last_texts[i], "reward": rewards[i].item(), "correct": bool(correct[i])},
+            )
+
+    # ------------------------------------------------------------------ the loop
+    def save_policy(self) -> None:
+        with atomic_dir(self.dir / "policy") as tmp:
+            self.trainer.policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+    def train(self) -> list[dict[str, Any]]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(range(cfg.run.steps), desc="grpo", disable=not cfg.output.progress, dynamic_ncols=True)
+        acc = float("nan")
+        for step in bar:
+            record = grpo_step(self, step)
+            self.sink.write(record)
+            self.records.append(record)
+            acc = record.get("eval/accuracy", acc)
+            shares = stage_shares([record])
+            bar.set_postfix_str(
+                f"reward {record['reward/mean']:.2f} acc {acc:.2f} "
+                + " ".join(f"{s} {shares[s]:.0%}" for s in ("gen", "logprob", "train") if s in shares)
+                + (f" accept {record['spec/accept_len']:.2f}" if "spec/accept_len" in record else "")
+            )
+            if cfg.output.save_policy_every and (step + 1) % cfg.output.save_policy_every == 0:
+                self.save_policy()
+        self.engine.load_policy_weights(self.trainer.policy.state_dict().items())
+        final = {"step": cfg.run.steps, "final": True, **self.evaluate()}
+        self.sink.write(final)
+        self.records.append(final)
+        self.save_policy()
+        return self.records
+
+    def close(self) -> None:
+        self.controller.close()
+        self.engine.close()
+
+
+def summary_rows(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(label, value) rows describing a finished run: accuracy, reward, stage shares."""
+    steps = [r for r in records if "reward/mean" in r]
+    evals = [r for r in records if "eval/accuracy" in r]
+    rows = []
+    if evals:
+        rows.append(("held-out accuracy first -> last", f"{evals[0]['eval/accuracy']:.3f} -> {evals[-1]['eval/accuracy']:.3f}"))
+    if steps:
+        k = max(1, len(steps) // 5)
+        first = sum(r["reward/mean"] for r in steps[:k]) / k
+        last = sum(r["reward/mean"] for r in steps[-k:]) / k
+        rows.append((f"reward (mean of first / last {k} steps)", f"{first:.3f} -> {last:.3f}"))
+        total = sum(r["time/step_s"] for r in steps)
+        rows.append(("step time mean (s)", f"{total / len(steps):.2f}"))
+        for stage, share in stage_shares(steps).items():
+            rows.append((f"  share {stage}", f"{share:.1%}"))
+    return rows

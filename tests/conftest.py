@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny testbed (built once, cached on disk) for every test that needs a model."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+# A testbed small enough to build in seconds, still a Qwen3 that vLLM serves on CPU and deep
+# enough (4 layers) for EAGLE-3's three distinct auxiliary layers.
+TINY = [
+    "model.hidden_size=128",
+    "model.num_layers=4",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=256",
+    "model.sft_steps=120",
+    "model.sft_batch_size=32",
+    "model.max_len=128",
+    "task.max_ops=3",
+    "task.num_train=200",
+    "task.num_eval=8",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=48",
+    "rollout.kv_cache_gib=0.125",
+    "run.steps=2",
+    "run.eval_every=1",
+    "run.eval_samples=1",
+    "output.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_overrides):
+    from codraft.config import load_config
+
+    return load_config("smoke", overrides=tiny_overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tiny_cfg):
+    from codraft.testbed import policy_source
+
+    return policy_source(tiny_cfg, log=lambda *a: None)

@@ -1,0 +1,102 @@
+"""The in-process vLLM engine: weight sync is real, and a 2-step GRPO run writes every output."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from codraft.batch import make_batch, token_logprobs
+from codraft.config import load_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_cfg, tiny_policy_dir):
+    from codraft.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(tiny_cfg, tiny_policy_dir)
+    yield eng
+    eng.close()
+
+
+def hf_logprobs(model, ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+    return token_logprobs(logits, torch.tensor(ids[1:]))
+
+
+def test_weight_sync_changes_engine_logprobs(engine, tiny_policy_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32)
+    ids = tok("Q: 4+5-3=? A: 4+5=9. 9-3=6. #### 6", add_special_tokens=False).input_ids
+    before = torch.tensor(engine.prompt_logprobs(ids))
+    assert (before - hf_logprobs(model, ids)).abs().max() < 0.1  # bf16 engine vs fp32 trainer
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * p.std() * torch.randn_like(p))
+    target = hf_logprobs(model, ids)
+    assert (before - target).abs().max() > 0.5  # the perturbation is visible before the sync
+
+    engine.load_policy_weights(model.state_dict().items())
+    after = torch.tensor(engine.prompt_logprobs(ids))
+    assert (after - target).abs().max() < 0.1
+    assert (after - target).abs().mean() < 0.02
+    assert (after - before).abs().max() > 0.5
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32)
+    engine.load_policy_weights(original.state_dict().items())  # leave the shared engine as found
+    assert (torch.tensor(engine.prompt_logprobs(ids)) - before).abs().max() < 1e-3
+
+
+def test_generation_is_seeded_and_grouped(engine, tiny_cfg):
+    from codraft.engine import Sampling
+
+    prompts = [[5, 6, 7], [8, 9]]
+    a = engine.generate(prompts, n=3, sampling=Sampling(1.0, 1.0, 8), seed=11)
+    b = engine.generate(prompts, n=3, sampling=Sampling(1.0, 1.0, 8), seed=11)
+    assert [c.prompt_index for c in a.completions] == [0, 0, 0, 1, 1, 1]
+    assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+    assert len({tuple(c.token_ids) for c in a.completions}) > 1  # samples of a group differ
+    for c in a.completions:
+        assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
+
+
+def test_two_step_grpo_run_writes_outputs(tiny_cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from codraft.runner import Run
+
+    cfg = dataclasses.replace(tiny_cfg, output=dataclasses.replace(tiny_cfg.output, dir=str(tmp_path)))
+    run = Run(cfg, tmp_path)
+    try:
+        records = run.train()
+    finally:
+        run.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2]
+    assert lines == records
+    for key in ("reward/mean", "time/prepare_s", "time/gen_s", "time/reward_s", "time/logprob_s", "time/train_s", "time/step_s", "gen/tokens", "eval/accuracy"):
+        assert key in lines[0], key
+    assert lines[-1]["final"] and "eval/accuracy" in lines[-1]
+    assert load_config(preset=None, path=tmp_path / "config.toml") == cfg
+    samples = [json.loads(s) for s in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "completion", "reward"} <= set(samples[0])
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "policy", dtype=torch.float32)
+    initial = AutoModelForCausalLM.from_pretrained(run.policy_dir, dtype=torch.float32)
+    changed = [n for (n, p), (_, q) in zip(trained.named_parameters(), initial.named_parameters()) if not torch.equal(p, q)]
+    assert changed, "two GRPO steps left the policy unchanged"
+    assert (tmp_path / "policy" / "tokenizer.json").is_file()
+
+
+def test_existing_run_directory_is_refused(tiny_cfg, tmp_path):
+    from codraft.runner import Run
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        Run(tiny_cfg, tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'
