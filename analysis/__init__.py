@@ -1,6 +1,11 @@
-"""Analysis of run outputs (reads only what runs wrote) and projections; registers its `codraft` subcommands."""
+"""Analysis of run outputs (reads only what runs wrote) and projections; registers its `codraft` subcommands:
+`project`, `sweep` and `report`."""
 from codraft.cli import register_command
 
 from analysis.projection import ProjectArgs, project
+from analysis.report import ReportArgs, cmd_report
+from analysis.sweep import SweepArgs, cmd_sweep
 
 register_command("project", ProjectArgs, project)
+register_command("sweep", SweepArgs, cmd_sweep)
+register_command("report", ReportArgs, cmd_report)

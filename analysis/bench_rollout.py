@@ -134,7 +134,7 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
                                         policy, train_ids, policy_dir, tok.eos_token_id, tok.pad_token_id, log=log)
         spec = drafter.speculative_config(path, max(args.ks))
         spec["num_speculative_tokens_per_batch_size"] = [[1, kcfg.rollout.max_num_seqs, max(args.ks)]]
-        engine = VLLMEngine(kcfg, policy_dir, speculative=spec)
+        engine = VLLMEngine(kcfg, policy_dir, speculative=spec, target_overrides=drafter.target_overrides())
         alphas = []
         for k in args.ks:
             engine.set_k_schedule([(1, kcfg.rollout.max_num_seqs, k)])

@@ -60,10 +60,10 @@ def cmd_check_lossless(args: LosslessArgs) -> int:
     else:
         train_ids = [tok(p, add_special_tokens=False).input_ids for p in train["prompt"]]
         drafter, path = initial_drafter(cfg, policy, train_ids, policy_dir, tok.eos_token_id, tok.pad_token_id)
-    from codraft.vllm_engine import VLLMEngine
+    from codraft.engine import make_engine
 
-    plain = VLLMEngine(cfg, policy_dir)
-    spec = VLLMEngine(cfg, policy_dir, speculative=drafter.speculative_config(path, cfg.drafter.num_speculative_tokens))
+    plain = make_engine(cfg, policy_dir)
+    spec = make_engine(cfg, policy_dir, drafter, path)
     report = check_lossless(plain, spec, prompts, args.samples, args.positions, args.alpha, args.seed)
     title = f"check-lossless {'biased ' if args.biased else ''}{kind}, k={cfg.drafter.num_speculative_tokens}, CPU fix {'off' if args.no_cpu_fix else 'on'}"
     print(format_report(report, title))

@@ -64,7 +64,7 @@ class ModelConfig:
     """Testbed: per-head width; vLLM's CPU attention needs 32, 64, 80, 96, 112, 128, ..."""
     intermediate_size: int = 768
     """Testbed: MLP width."""
-    max_len: int = 352
+    max_len: int = 320
     """Context length (prompt + completion) of the testbed and the engine."""
     sft_steps: int = 800
     """Testbed: supervised warm-start steps on worked solutions."""
@@ -90,7 +90,7 @@ class TaskConfig:
     """Held-out evaluation prompts, disjoint from training prompts."""
     min_ops: int = 2
     """Synthetic tasks: fewest operations in a problem."""
-    max_ops: int = 16
+    max_ops: int = 12
     """Synthetic tasks: most operations in a problem (longer problems give longer worked solutions)."""
     ops_decay: float = 0.8
     """Synthetic tasks: P(n ops) is proportional to ops_decay ** (n - min_ops), a long tail of long problems."""

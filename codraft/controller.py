@@ -78,15 +78,6 @@ class Controller:
         self.last_distill_s = math.nan
         self.last_swap_s = math.nan
 
-    def speculative_config(self) -> dict:
-        spec = self.serving.speculative_config(self.dir, self.k)
-        spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in self.k_schedule]
-        return spec
-
-    @property
-    def runtime(self):
-        return self.serving
-
     # ------------------------------------------------------------------ logprob stage
     def on_policy_forward(self, batch, gen) -> Callable:
         """A hook for `GRPOTrainer.score` that turns each policy forward into distillation examples."""

@@ -21,6 +21,18 @@ def expand_to_tokens(output: torch.Tensor, input_val: torch.Tensor, cu_num_token
     output[: expanded.numel()].copy_(expanded.to(output.dtype))
 
 
+KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
+
+
+def fix_in_place(worker=None) -> bool:
+    """Whether the fixed kernel is the one registered now. vLLM's CPU platform registers its own
+    kernel overrides whenever a worker starts, so building another engine in the process puts the
+    broken kernel back; the engine checks this before every speculative batch."""
+    from vllm.triton_utils import dispatcher
+
+    return dispatcher._registry.get(KERNEL, (None, None))[1] is expand_to_tokens
+
+
 def apply_cpu_fixes(worker=None, enabled: bool = True) -> bool:
     """Register the fixed kernel, or (enabled=False) vLLM's own CPU one again, to show the bug.
 
@@ -31,5 +43,5 @@ def apply_cpu_fixes(worker=None, enabled: bool = True) -> bool:
     from vllm.utils import cpu_triton_utils
 
     impl = expand_to_tokens if enabled else cpu_triton_utils._expand_kernel_impl
-    register_kernels({"vllm.v1.sample.rejection_sampler.expand_kernel": impl})
+    register_kernels({KERNEL: impl})
     return enabled

@@ -148,6 +148,10 @@ class Drafter(nn.Module):
     def speculative_config(self, path: Path, k: int) -> dict:
         return {"method": self.method, "model": str(path), "num_speculative_tokens": k}
 
+    def target_overrides(self) -> dict:
+        """Config fields the engine must add to the target's config to serve this drafter."""
+        return {}
+
     # ------------------------------------------------------------------ files
     def export(self, path: Path, dtype: torch.dtype = torch.bfloat16) -> None:
         """Write config.json + model.safetensors atomically (the old checkpoint stays until done)."""

@@ -69,12 +69,18 @@ class RolloutEngine(abc.ABC):
         """Release the engine's resources."""
 
 
-def make_engine(cfg, policy_dir: Path, speculative: dict | None = None, drafter_runtime=None) -> RolloutEngine:
-    """The configured engine (`rollout.backend`), serving `policy_dir`."""
+def make_engine(cfg, policy_dir: Path, drafter=None, drafter_dir: Path | None = None, k_schedule=None) -> RolloutEngine:
+    """The configured engine (`rollout.backend`) serving `policy_dir`, speculating with `drafter`
+    (exported at `drafter_dir`) when given."""
     if cfg.rollout.backend == "vllm":
         from codraft.vllm_engine import VLLMEngine
 
-        return VLLMEngine(cfg, policy_dir, speculative=speculative)
+        if drafter is None:
+            return VLLMEngine(cfg, policy_dir)
+        spec = drafter.speculative_config(drafter_dir, cfg.drafter.num_speculative_tokens)
+        if k_schedule:
+            spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in k_schedule]
+        return VLLMEngine(cfg, policy_dir, speculative=spec, target_overrides=drafter.target_overrides())
     from codraft.reference_engine import ReferenceEngine
 
-    return ReferenceEngine(cfg, policy_dir, drafter_runtime=drafter_runtime)
+    return ReferenceEngine(cfg, policy_dir, drafter_runtime=drafter)

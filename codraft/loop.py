@@ -56,10 +56,11 @@ def grpo_step(run: "Run", step: int) -> dict[str, Any]:
             "gen/max_len": max(len(c.token_ids) for c in gen.completions),
             "gen/truncated": sum(not c.finished for c in gen.completions) / len(gen.completions),
             "gen/tokens_per_s": gen.num_tokens / max(timer.seconds["gen"], 1e-9),
-            "gen/logprob_gap": run.logprob_gap(batch, scored, gen),
             **{f"train/{k}": v for k, v in stats.items()},
         }
     )
+    if scored.old_logp is not None:  # engine (bf16) vs trainer (fp32) log-probs of the same tokens
+        record["gen/logprob_gap"] = run.logprob_gap(batch, scored, gen)
     if gen.acceptance is not None:
         record.update(gen.acceptance.metrics("spec/"))
     run.write_samples(step, prompts, gen, rewards, correct)

@@ -77,8 +77,9 @@ class Run:
             reference.requires_grad_(False)
         self.trainer = GRPOTrainer(policy, cfg.grpo, cfg.rollout.temperature, reference)
 
-        self.controller, speculative = self._make_controller()
-        self.engine = make_engine(cfg, self.policy_dir, speculative=speculative, drafter_runtime=getattr(self.controller, "runtime", None))
+        self.controller = self._make_controller()
+        drafter = getattr(self.controller, "serving", None)
+        self.engine = make_engine(cfg, self.policy_dir, drafter, getattr(self.controller, "dir", None), getattr(self.controller, "k_schedule", None))
         self.sink = MetricsSink(self.dir / "metrics.jsonl", tensorboard=cfg.output.tensorboard)
         self.records: list[dict[str, Any]] = []
 
@@ -111,11 +112,10 @@ class Run:
 
     def _make_controller(self):
         if self.cfg.drafter.kind == "none":
-            return NoController(), None
+            return NoController()
         from codraft.controller import Controller
 
-        controller = Controller(self)
-        return controller, controller.speculative_config()
+        return Controller(self)
 
     # ------------------------------------------------------------------ what a step asks for
     def prompts_for_step(self, step: int) -> list[dict[str, Any]]:
@@ -177,8 +177,6 @@ class Run:
 
     def logprob_gap(self, batch: TokenBatch, scored: Scored, gen: Generation) -> float:
         """Mean |engine log-prob - trainer log-prob| over completion tokens (bf16 engine vs fp32 trainer)."""
-        if scored.old_logp is None:
-            return float("nan")
         mask = batch.target_mask.float()
         return float(((self.engine_logp(batch, gen) - scored.old_logp).abs() * mask).sum() / mask.sum().clamp(min=1))
 

@@ -114,18 +114,20 @@ class SyntheticTask(Task):
 
 @TASKS.register("arith")
 class Arithmetic(SyntheticTask):
-    """A chain of additions and subtractions on small numbers, solved one operation per sentence.
+    """A chain of additions and subtractions on single-digit values, solved one operation at a time.
 
         Q: 7+5-3=? A:
         terse:   ` 7+5=12. 12-3=9. #### 9`
-        careful: ` start at 7. 7 plus 5 is 12. 12 minus 3 is 9. #### 9`
+        careful: ` 7 left +5-3. 7+5=12 left -3. 12-3=9 left none. #### 9`
 
-    The warm-start (SFT) data mixes the two styles: mostly terse solutions whose steps are off by one
-    with probability `terse_error` (the error carries through the chain), and a `careful_share` of
-    careful ones that err ten times less often. The SFT policy therefore solves part of the task at
-    temperature 1 and greedy decoding is not the ceiling: RL can both sharpen the arithmetic and move
-    the policy toward the rarer, more reliable careful style, which also changes the text a drafter
-    sees (the drift codraft studies).
+    The careful style tracks state: after each step it restates the operations still to do, so the
+    next one is read from right before it instead of being located in the prompt. It is longer and,
+    for a small model, far more reliable. The warm-start (SFT) data mixes the styles: mostly terse
+    solutions whose steps slip by one with probability `terse_error` (the slip carries through the
+    chain), and a `careful_share` of careful ones that slip ten times less often. The SFT policy
+    therefore solves part of the task at temperature 1; RL can sharpen its arithmetic and, above all,
+    move it to the rarer careful style: its completions grow longer and the text a drafter sees
+    changes, which is the drift codraft studies.
     """
 
     def example(self, rng: random.Random) -> dict[str, str]:
@@ -133,24 +135,23 @@ class Arithmetic(SyntheticTask):
         start = value = rng.randint(1, min(cfg.max_operand, cfg.max_value))
         ops = []
         for _ in range(self.num_ops(rng)):
-            operand = rng.randint(1, cfg.max_operand)
+            operand = rng.randint(1, max(1, min(cfg.max_operand, max(cfg.max_value - value, value))))
             allowed = [op for op, ok in (("+", value + operand <= cfg.max_value), ("-", value >= operand)) if ok]
-            op = rng.choice(allowed or ["-" if value >= operand else "+"])
+            op = rng.choice(allowed)
             ops.append((op, operand))
             value = value + operand if op == "+" else value - operand
         careful = rng.random() < cfg.careful_share
         error = cfg.terse_error / 10 if careful else cfg.terse_error
-        steps, current = [], start
-        for op, operand in ops:
+        rest = lambda i: "".join(f"{o}{n}" for o, n in ops[i:]) or "none"  # noqa: E731
+        steps, current = [f"{start} left {rest(0)}."] if careful else [], start
+        for i, (op, operand) in enumerate(ops):
             result = current + operand if op == "+" else current - operand
             if rng.random() < error:  # an off-by-one slip that the rest of the chain carries
                 result = result + 1 if result == 0 or rng.random() < 0.5 else result - 1
-            word = "plus" if op == "+" else "minus"
-            steps.append(f"{current} {word} {operand} is {result}." if careful else f"{current}{op}{operand}={result}.")
+            steps.append(f"{current}{op}{operand}={result}" + (f" left {rest(i + 1)}." if careful else "."))
             current = result
-        lead = f" start at {start}." if careful else ""
         expr = str(start) + "".join(f"{op}{operand}" for op, operand in ops)
-        return {"prompt": f"Q: {expr}=? A:", "answer": str(value), "solution": f"{lead} {' '.join(steps)} #### {current}"}
+        return {"prompt": f"Q: {expr}=? A:", "answer": str(value), "solution": f" {' '.join(steps)} #### {current}"}
 
 
 STEP = re.compile(r"(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)")

@@ -96,7 +96,7 @@ def _reload_drafter(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
 
 
 class VLLMEngine(RolloutEngine):
-    def __init__(self, cfg, policy_dir: Path, speculative: dict | None = None):
+    def __init__(self, cfg, policy_dir: Path, speculative: dict | None = None, target_overrides: dict | None = None):
         _prepare_environment()
         from vllm import LLM
 
@@ -117,6 +117,8 @@ class VLLMEngine(RolloutEngine):
         )
         if speculative:
             kwargs["speculative_config"] = speculative
+        if target_overrides:
+            kwargs["hf_overrides"] = target_overrides
         self.cpu = is_cpu_platform()
         if self.cpu:
             kwargs["kv_cache_memory_bytes"] = int(rollout.kv_cache_gib * 2**30)
@@ -131,6 +133,7 @@ class VLLMEngine(RolloutEngine):
         self.llm = LLM(**kwargs)
         self.build_seconds = time.time() - t0
         self.speculative = speculative
+        self.cpu_fix = False
         if self.cpu and speculative:
             self.set_cpu_fix(rollout.cpu_rejection_fix)
         self._counters = self._read_counters()
@@ -139,7 +142,14 @@ class VLLMEngine(RolloutEngine):
         """CPU only: use codraft's rejection-sampler fix (True) or vLLM's own kernel (False, buggy)."""
         from codraft.cpu_fixes import apply_cpu_fixes
 
+        self.cpu_fix = enabled
         self.llm.collective_rpc(apply_cpu_fixes, args=(enabled,))
+
+    def _ensure_cpu_fix(self) -> None:
+        from codraft.cpu_fixes import fix_in_place
+
+        if not all(self.llm.collective_rpc(fix_in_place)):  # another engine's start-up re-registered vLLM's kernel
+            self.set_cpu_fix(True)
 
     # ---------------------------------------------------------------------------------------
     def _read_counters(self) -> AcceptanceStats:
@@ -148,6 +158,8 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompts: list[list[int]], n: int, sampling: Sampling, seed: int) -> Generation:
         from vllm import SamplingParams
 
+        if self.cpu and self.speculative and self.cpu_fix:
+            self._ensure_cpu_fix()
         seeds = request_seeds(seed, len(prompts) * n)
         requests, params = [], []
         for i, prompt in enumerate(prompts):

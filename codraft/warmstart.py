@@ -22,6 +22,8 @@ from codraft.distill import DistillExample, distill, examples_from_forward, teac
 from codraft.drafter import DRAFTERS, Drafter, features_from_forward, load_drafter, target_parts
 from codraft.testbed import cache_root
 
+WARMSTART_VERSION = 2  # bump when a drafter's architecture or its warm start changes
+
 
 @torch.no_grad()
 def sample_completions(policy, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int, eos_id: int, pad_id: int, seed: int, batch_size: int = 64) -> list[tuple[list[int], list[int]]]:
@@ -72,7 +74,7 @@ def drafter_key(cfg: Config, policy_dir: Path) -> str:
     d = dataclasses.asdict(cfg.drafter)
     d.pop("path", None)
     d.pop("k_schedule", None)
-    blob = json.dumps({"v": 1, "policy": str(Path(policy_dir).resolve()), "stamp": stamp, "drafter": d, "temperature": cfg.rollout.temperature, "max_new": cfg.rollout.max_new_tokens}, sort_keys=True)
+    blob = json.dumps({"v": WARMSTART_VERSION, "policy": str(Path(policy_dir).resolve()), "stamp": stamp, "drafter": d, "temperature": cfg.rollout.temperature, "max_new": cfg.rollout.max_new_tokens}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

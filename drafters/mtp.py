@@ -11,7 +11,10 @@ Serving route: vLLM's MiMo MTP layer (`MiMoMTPModel`, vllm/model_executor/models
 exactly this shape for a dense target: two RMSNorms, a projection, a Qwen2 block (q/k/v with bias)
 and a final RMSNorm, with the target's embedding and head shared. The checkpoint declares
 `architectures: ["MiMoForCausalLM"]` with `num_nextn_predict_layers: 1`, which vLLM's speculative
-config rewrites into that MTP model; it is served with `method: "mtp"`. vLLM hands an MTP head the
+config rewrites into that MTP model; it is served with `method: "mtp"`. That layer takes its shape
+(heads, KV heads, MLP width, head width = hidden / heads) and its layer count from the *target's*
+config, so the head is built with the target's shape and the engine passes
+`hf_overrides={"num_nextn_predict_layers": 1}` for the target. vLLM hands an MTP head the
 target's final hidden state after its final norm, and zeroes the token embedding at position 0;
 training here does the same. (vLLM's `eagle` route would also serve a head of this shape, but
 without the two input norms and the final norm, which are not foldable into its weights.)
@@ -27,12 +30,6 @@ from codraft.drafter import DRAFTERS, Drafter, DrafterMismatch, Features, Target
 from codraft.nn import DraftBlock, RMSNorm
 
 PREFIX = "model.mtp_layers.0."
-
-
-def mtp_heads(shape: dict) -> int:
-    """vLLM's Qwen2 block uses head_dim = hidden / heads; keep the target's head_dim when it divides."""
-    H, hd = shape["hidden_size"], shape["head_dim"]
-    return H // hd if H % hd == 0 else max(1, H // 64)
 
 
 @DRAFTERS.register("mtp")
@@ -53,10 +50,10 @@ class MTPDrafter(Drafter):
 
     @classmethod
     def build(cls, policy: nn.Module, cfg: DrafterConfig, token_counts=None) -> "MTPDrafter":
+        # vLLM builds the MTP block from the *target's* config (heads, KV heads, MLP width), with a
+        # Qwen2 attention whose head width is hidden / heads; the head here is shaped the same way.
         shape = target_shape(policy.config)
-        heads = mtp_heads(shape)
-        kv = heads if heads % max(1, shape["num_kv_heads"]) else shape["num_kv_heads"]
-        drafter = cls(shape, heads, min(kv, heads), shape["intermediate_size"])
+        drafter = cls(shape, shape["num_heads"], shape["num_kv_heads"], shape["intermediate_size"])
         with torch.no_grad():
             drafter.block.q_proj.bias.zero_()
             drafter.block.k_proj.bias.zero_()
@@ -65,6 +62,10 @@ class MTPDrafter(Drafter):
 
     def check_fits(self, policy_config) -> None:
         shape = target_shape(policy_config)
+        mine = (self.shape["mtp_heads"], self.shape["mtp_kv_heads"], self.shape["mtp_intermediate"])
+        theirs = (shape["num_heads"], shape["num_kv_heads"], shape["intermediate_size"])
+        if mine != theirs:
+            raise DrafterMismatch(f"MTP head (heads, KV heads, MLP width) {mine} must equal the target's {theirs}: vLLM builds it from the target's config")
         if self.shape["hidden_size"] != shape["hidden_size"]:
             raise DrafterMismatch(f"MTP head hidden size {self.shape['hidden_size']} does not fit the target's {shape['hidden_size']}")
         if self.shape["vocab_size"] != shape["vocab_size"]:
@@ -90,6 +91,10 @@ class MTPDrafter(Drafter):
             logits = hidden.float() @ target.lm_head.float().T  # [B, T, V]
             outs.append((logits, 1 + j))
         return outs
+
+    def target_overrides(self) -> dict:
+        """vLLM's MiMo MTP layer reads its layer count from the target's config."""
+        return {"num_nextn_predict_layers": 1}
 
     def hf_config(self) -> dict:
         s = self.shape

@@ -1,4 +1,5 @@
 """Tasks: rewards, worked solutions that check out, disjoint splits, the GSM8K loader."""
+import re
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,16 @@ def test_worked_solutions_earn_full_reward(name):
 def test_arith_warm_start_data_mixes_styles_and_slips():
     task = make_task(TaskConfig(name="arith", careful_share=0.3, terse_error=0.25))
     examples = task.sft_examples(2000, exclude=set())
-    careful = [e for e in examples if e["solution"].startswith(" start at")]
-    terse = [e for e in examples if not e["solution"].startswith(" start at")]
+    careful = [e for e in examples if " left " in e["solution"]]
+    terse = [e for e in examples if " left " not in e["solution"]]
     assert 0.25 < len(careful) / len(examples) < 0.35
     right = lambda group: sum(task.check(e["solution"], e["prompt"], e["answer"]) for e in group) / len(group)  # noqa: E731
     assert right(careful) > 0.85 > 0.6 > right(terse)  # careful solutions slip ten times less often
-    for e in examples[:50]:
-        assert all(0 <= int(v) <= 20 for v in e["prompt"][3:-5].replace("-", "+").split("+"))
+    clean = make_task(TaskConfig(name="arith", careful_share=0.3, terse_error=0.0)).sft_examples(300, exclude=set())
+    for e in clean:  # running values stay single-digit
+        assert task.check(e["solution"], e["prompt"], e["answer"])
+        values = [int(v) for v in re.findall(r"=(-?\d+)", e["solution"])]
+        assert all(0 <= v <= 9 for v in values)
 
 
 def test_arith_rewards():

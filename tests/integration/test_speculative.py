@@ -44,12 +44,12 @@ def plain(tiny_cfg, tiny_policy_dir):
 @pytest.fixture(scope="module", params=KINDS)
 def served(request, tiny_cfg, tiny_policy_dir, setup):
     """(kind, drafter, engine) for each kind: warm-started (cached), exported, served by vLLM."""
-    from codraft.vllm_engine import VLLMEngine
+    from codraft.engine import make_engine
     from codraft.warmstart import initial_drafter
 
     cfg = kind_cfg(tiny_cfg, request.param)
     drafter, path = initial_drafter(cfg, setup["policy"], setup["train"], tiny_policy_dir, setup["tok"].eos_token_id, setup["tok"].pad_token_id, log=lambda *a: None)
-    eng = VLLMEngine(cfg, tiny_policy_dir, speculative=drafter.speculative_config(path, K))
+    eng = make_engine(cfg, tiny_policy_dir, drafter, path)
     yield request.param, drafter, eng
     eng.close()
 

@@ -79,7 +79,9 @@ def test_two_step_grpo_run_writes_outputs(tiny_cfg, tmp_path):
         run.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2]
-    assert lines == records
+    from codraft.io import jsonl_line
+
+    assert lines == [json.loads(jsonl_line(r)) for r in records]
     for key in ("reward/mean", "time/prepare_s", "time/gen_s", "time/reward_s", "time/logprob_s", "time/train_s", "time/step_s", "gen/tokens", "eval/accuracy"):
         assert key in lines[0], key
     assert lines[-1]["final"] and "eval/accuracy" in lines[-1]

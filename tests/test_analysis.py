@@ -1,0 +1,359 @@
+"""Unit tests of analysis/: run summaries from counts, sweep expansion / resumption / tables, plots
+and the HTML report, all on synthetic run directories (nothing is trained or served).
+
+    pytest tests/test_analysis.py
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis import plots
+from analysis.report import build_report, is_sweep_dir
+from analysis.runs import accept_len_series, decision_steps, find_run_dirs, is_finished, load_run, summarize, varying_keys
+from analysis.sweep import Grid, expand, parse_grid, read_grid, run_command, run_sweep
+from codraft.config import ConfigError, load_config, write_config
+from codraft.io import append_jsonl
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+WEIGHTS = (0.5, 0.3, 0.2)  # how a step's accepted tokens split over draft positions 0..2
+
+
+def step_record(step: int, drafts: int, accepted: int, decision: str = "keep", reward: float = 0.3, eval_acc: float | None = None,
+                gen_s: float = 2.0, distill_s: float = 0.0, swap_s: float = 0.0, k: int = 3) -> dict:
+    """One plausible metrics.jsonl line, acceptance fields consistent with the counts."""
+    pos = [int(accepted * w) for w in WEIGHTS]
+    pos[-1] = accepted - sum(pos[:-1])
+    times = {"prepare": 0.1, "gen": gen_s, "reward": 0.05, "logprob": 0.5, "train": 1.0}
+    if decision in ("swap", "refuse"):
+        times["distill"] = distill_s
+    if decision == "swap":
+        times["swap"] = swap_s
+    rec = {"step": step, "reward/mean": reward, "reward/accuracy": reward * 0.8, **{f"time/{s}_s": v for s, v in times.items()},
+           "time/step_s": sum(times.values()), "gen/tokens": 4000, "gen/mean_len": 250.0, "gen/max_len": 256,
+           "spec/drafts": drafts, "spec/draft_tokens": drafts * k, "spec/accepted": accepted,
+           "spec/accept_len": 1 + accepted / drafts, "spec/accept_rate": accepted / (drafts * k), "spec/k_schedule": "1-256:3",
+           "controller/decision": decision, "controller/reason": "synthetic", "drafter/version": 0, "train/loss": 0.1, "train/entropy": 1.2}
+    for i, c in enumerate(pos):
+        rec[f"spec/accepted_pos_{i}"] = c
+        rec[f"spec/accept_pos_{i}"] = c / drafts
+    if eval_acc is not None:
+        rec.update({"eval/accuracy": eval_acc, "time/eval_s": 1.5})
+    return rec
+
+
+def write_run(run_dir: Path, overrides: list[str], records: list[dict], final: dict | None) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(load_config("smoke", overrides=[*overrides, f"output.dir={run_dir.name}"]), run_dir / "config.toml")
+    for rec in records + ([{"step": len(records), "final": True, **final}] if final else []):
+        append_jsonl(run_dir / "metrics.jsonl", rec)
+    for r in records:
+        append_jsonl(run_dir / "samples.jsonl", {"step": r["step"], "prompt": "1+1", "completion": "2 #### 2", "reward": 1.0, "correct": True})
+    return run_dir
+
+
+def synthetic_run(run_dir: Path, policy: str, seed: int, steps: int = 8, finished: bool = True, kind: str = "eagle3") -> Path:
+    """Acceptance decays by ~0.1 per step since the last swap; `every_n` swaps every 2 steps,
+    `threshold` refuses once (step 2) and swaps once (step 4), `never` keeps."""
+    swaps = {"never": set(), "every_n": {1, 3, 5, 7}, "threshold": {4}}[policy]
+    refusals = {2} if policy == "threshold" else set()
+    records, since = [], 0
+    for s in range(steps):
+        drafts = 100 + 10 * seed
+        accepted = int(drafts * (1.4 - (0.1 + 0.01 * seed) * since))
+        decision = "swap" if s in swaps else "refuse" if s in refusals else "keep"
+        rec = step_record(s, drafts, accepted, decision, reward=0.2 + 0.05 * s, eval_acc=0.3 + 0.02 * s if s % 3 == 0 else None,
+                          distill_s=4.0, swap_s=0.5)
+        if kind == "none":
+            rec = {k: v for k, v in rec.items() if not k.startswith(("spec/", "controller/", "drafter/"))}
+        records.append(rec)
+        since = 0 if decision == "swap" else since + 1
+    overrides = [f"controller.policy={policy}", f"drafter.kind={kind}", f"run.seed={seed}", f"run.steps={steps}"]
+    return write_run(run_dir, overrides, records, {"eval/accuracy": 0.5, "time/eval_s": 1.5} if finished else None)
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    """Four finished runs: never, every_n, and threshold with two seeds."""
+    root = tmp_path / "sweep"
+    for policy, seed in (("never", 0), ("every_n", 0), ("threshold", 0), ("threshold", 1)):
+        synthetic_run(root / f"policy-{policy}__seed-{seed}", policy, seed)
+    return root
+
+
+@pytest.fixture
+def bench_json(tmp_path: Path) -> Path:
+    cells = [{"target": "testbed", "kind": "none", "k": 0, "batch": b, "seconds": 1.0, "tokens": 48 * b, "accept_len": math.nan,
+              "c_ratio": math.nan, "speedup": math.nan, "predicted": math.nan} for b in (1, 4, 16, 64)]
+    cells += [{"target": "testbed", "kind": kind, "k": k, "batch": b, "seconds": 1.0, "tokens": 48 * b, "accept_len": 2.0,
+               "c_ratio": 0.3, "speedup": 1.6 - 0.01 * b - 0.1 * k, "predicted": 1.5} for kind in ("eagle3", "mtp") for k in (1, 3) for b in (1, 4, 16, 64)]
+    path = tmp_path / "bench_rollout.json"
+    path.write_text(json.dumps([{"name": "testbed", "parameters": 25_000_000, "cells": cells, "grpo": {}}]))
+    return path
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+def test_summary_from_counts_hand_computed(tmp_path):
+    records = [
+        step_record(0, drafts=100, accepted=150, eval_acc=0.25, reward=0.1),
+        step_record(1, drafts=100, accepted=120, decision="refuse", distill_s=3.0, reward=0.2),
+        step_record(2, drafts=200, accepted=180, decision="swap", distill_s=5.0, swap_s=0.5, reward=0.3),
+        step_record(3, drafts=100, accepted=80, reward=0.4),
+    ]
+    run = load_run(write_run(tmp_path / "r", ["controller.policy=threshold", "drafter.kind=eagle3"], records, {"eval/accuracy": 0.75, "time/eval_s": 2.0}))
+    s = summarize(run)
+    assert run.finished and s.steps == 4 and run.samples == 4
+    assert s.accept_total.drafts == 500 and s.accept_total.accepted == 530
+    # mean from counts, 1 + 530/500, not the mean of the per-step ratios (2.1)
+    assert s.accept_len_mean == pytest.approx(2.06)
+    assert s.accept_len_first == pytest.approx(2.5) and s.accept_len_last == pytest.approx(1.8)
+    assert s.accept_rate == pytest.approx(530 / 1500)
+    assert s.pos_rates[0] == pytest.approx((75 + 60 + 90 + 40) / 500)
+    assert (s.swaps, s.refusals) == (1, 1)
+    assert s.distill_swap_s == pytest.approx(3.0 + 5.0 + 0.5)
+    assert s.gen_s == pytest.approx(8.0)
+    assert s.step_s == pytest.approx(4 * 3.65 + 8.5)
+    assert s.wall_s == pytest.approx(s.step_s + 1.5 + 2.0)  # the step-0 evaluation and the final one
+    assert s.mean_stage_s["distill"] == pytest.approx(8.0 / 4)
+    assert sum(s.stage_shares.values()) == pytest.approx(1.0)
+    assert s.stage_shares["gen"] == pytest.approx(8.0 / s.step_s)
+    assert (s.eval_first, s.eval_last) == (0.25, 0.75)
+    assert (s.reward_first, s.reward_last) == (pytest.approx(0.1), pytest.approx(0.4))
+    assert accept_len_series(run) == ([0, 1, 2, 3], [2.5, 2.2, 1.9, 1.8])
+    assert decision_steps(run, "swap") == [2] and decision_steps(run, "refuse") == [1]
+    assert run.config_value("controller.policy") == "threshold"
+
+
+def test_unfinished_and_plain_runs(tmp_path):
+    run = load_run(synthetic_run(tmp_path / "a", "never", 0, steps=3, finished=False))
+    assert not run.finished and not is_finished(run.path) and len(run.steps) == 3
+    plain = summarize(load_run(synthetic_run(tmp_path / "b", "never", 0, steps=3, kind="none")))
+    assert plain.accept_total.drafts == 0 and math.isnan(plain.accept_len_mean) and plain.swaps == 0
+    assert find_run_dirs(tmp_path) == [tmp_path / "a", tmp_path / "b"]
+    assert varying_keys([load_run(tmp_path / "a"), load_run(tmp_path / "b")]) == ["drafter.kind"]
+
+
+# ---------------------------------------------------------------------------------- sweep grid
+
+GRID_TOML = """
+preset = "smoke"
+[base]
+"run.steps" = 3
+[grid]
+"controller.policy" = ["never", "every_n"]
+"drafter.num_speculative_tokens" = [2, 3]
+"run.seed" = [0, 1]
+"""
+
+
+def test_grid_expansion_and_names(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text(GRID_TOML)
+    grid = read_grid(path)
+    runs = expand(grid)
+    assert len(runs) == 8 and grid.preset == "smoke"
+    assert [r.name for r in runs[:3]] == ["policy-never__k-2__seed-0", "policy-never__k-2__seed-1", "policy-never__k-3__seed-0"]
+    assert runs[-1].name == "policy-every_n__k-3__seed-1"
+    assert runs[0].overrides == ("run.steps=3", 'controller.policy="never"', "drafter.num_speculative_tokens=2", "run.seed=0")
+    cfg = load_config(grid.preset, overrides=list(runs[-1].overrides))
+    assert (cfg.controller.policy, cfg.drafter.num_speculative_tokens, cfg.run.seed, cfg.run.steps) == ("every_n", 3, 1, 3)
+    # nested tables mean the same as quoted dotted keys; a --base-preset wins over the file's preset
+    nested = parse_grid({"preset": "smoke", "grid": {"controller": {"policy": ["never"], "args": {"n": [1, 2]}}, "run": {"seed": [0]}}}, preset="default")
+    assert nested.preset == "default" and nested.keys == ["controller.policy", "controller.args.n", "run.seed"]
+    assert [r.name for r in expand(nested)] == ["policy-never__n-1__seed-0", "policy-never__n-2__seed-0"]
+    # colliding short names keep the full key
+    both = parse_grid({"grid": {"run.seed": [0], "task.seed": [1]}})
+    assert [r.name for r in expand(both)] == ["run-seed-0__task-seed-1"]
+    cmd = run_command(runs[0], tmp_path / runs[0].name, "smoke")
+    assert cmd[:6] == [sys.executable, "-m", "codraft", "run", "--preset", "smoke"] and cmd[-2:] == ["--out", str(tmp_path / runs[0].name)]
+    assert cmd.count("--set") == 4
+
+
+def test_bad_grid_key_is_refused_before_any_run(tmp_path):
+    calls = []
+    fake = lambda run, run_dir, preset: calls.append(run.name) or 0  # noqa: E731
+    bad_key = Grid((("controller.policy", ("never",)), ("drafter.kinds", ("mtp",))), preset="smoke")
+    with pytest.raises(ConfigError, match=r"drafter\.kinds.*did you mean 'kind'"):
+        run_sweep(bad_key, tmp_path / "s", runner=fake)
+    bad_value = Grid((("run.seed", (0, 1)), ("rollout.group_size", (4, 1))), preset="smoke")
+    with pytest.raises(ConfigError, match=r"run 'seed-0__group_size-1'.*rollout\.group_size"):
+        run_sweep(bad_value, tmp_path / "s", runner=fake)
+    bad_policy = Grid((("controller.policy", ("never", "evry_n")),), preset="smoke")
+    with pytest.raises(ConfigError, match=r"evry_n.*every_n"):
+        run_sweep(bad_policy, tmp_path / "s", runner=fake)
+    assert calls == [] and not (tmp_path / "s" / "sweep.json").exists()
+    with pytest.raises(ConfigError, match="non-empty list"):
+        parse_grid({"grid": {"run.seed": 3}})
+    with pytest.raises(ConfigError, match="unknown top-level"):
+        parse_grid({"grid": {"run.seed": [3]}, "bases": {}})
+
+
+def test_cli_reports_bad_key(tmp_path, capsys):
+    from codraft.cli import main
+
+    path = tmp_path / "bad.toml"
+    path.write_text('[grid]\n"controller.polcy" = ["never"]\n')
+    assert main(["sweep", "--grid", str(path), "--out", str(tmp_path / "s"), "--dry-run"]) == 2
+    assert "controller.polcy" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- resumption
+
+
+def fake_runner(calls: list[str], fail: set[str] = frozenset()):
+    """Stands in for `codraft run`: writes a synthetic run (finished unless its name is in `fail`)."""
+    def run(sweep_run, run_dir: Path, preset: str) -> int:
+        calls.append(sweep_run.name)
+        values = dict(sweep_run.values)
+        synthetic_run(run_dir, values["controller.policy"], values["run.seed"], steps=6, finished=sweep_run.name not in fail)
+        return 1 if sweep_run.name in fail else 0
+    return run
+
+
+def test_resume_skips_finished_and_moves_incomplete_aside(tmp_path):
+    out = tmp_path / "s"
+    grid = parse_grid({"preset": "smoke", "base": {"drafter": {"kind": "eagle3"}}, "grid": {"controller.policy": ["never", "threshold", "every_n"], "run.seed": [0]}})
+    a, b, c = (r.name for r in expand(grid))
+    synthetic_run(out / a, "never", 0, steps=4)  # finished earlier
+    synthetic_run(out / b, "threshold", 0, steps=2, finished=False)  # killed mid-run
+    finished_before = (out / a / "metrics.jsonl").read_text()
+    killed = (out / b / "metrics.jsonl").read_text()
+
+    calls: list[str] = []
+    entries = run_sweep(grid, out, runner=fake_runner(calls), log=lambda *_: None)
+    assert calls == [b, c]
+    assert (out / a / "metrics.jsonl").read_text() == finished_before
+    assert (out / f"{b}.incomplete-1" / "metrics.jsonl").read_text() == killed  # moved aside, not deleted
+    assert is_finished(out / b) and is_finished(out / c)
+    assert [e["status"] for e in entries] == ["done"] * 3 and entries[1]["moved_aside"] == f"{b}.incomplete-1"
+    state = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in state["runs"]] == ["done"] * 3 and state["grid"]["grid"]["controller.policy"] == ["never", "threshold", "every_n"]
+
+    calls.clear()
+    run_sweep(grid, out, runner=fake_runner(calls), log=lambda *_: None)
+    assert calls == []  # everything finished: nothing reruns
+
+    shutil.rmtree(out / c)
+    (out / b / "metrics.jsonl").write_text(killed)  # b killed again: a second copy goes aside
+    entries = run_sweep(grid, out, runner=fake_runner(calls, fail={c}), log=lambda *_: None)
+    assert calls == [b, c]
+    assert (out / f"{b}.incomplete-1").is_dir() and (out / f"{b}.incomplete-2" / "metrics.jsonl").read_text() == killed
+    assert [e["status"] for e in entries] == ["done", "done", "failed"] and entries[2]["returncode"] == 1
+    assert {p.name for p in find_run_dirs(out)} == {a, b, c}  # moved-aside copies are not runs of the sweep
+
+
+def test_subprocess_runner_logs_output(tmp_path, monkeypatch):
+    import analysis.sweep as sweep
+
+    run = expand(parse_grid({"grid": {"run.seed": [0]}}))[0]
+    script = "import sys; print('step 1 of 2'); sys.exit(3)"
+    monkeypatch.setattr(sweep, "run_command", lambda *_: [sys.executable, "-c", script])
+    assert sweep.subprocess_runner(run, tmp_path / run.name, "smoke") == 3
+    assert "step 1 of 2" in (tmp_path / run.name / "run.log").read_text()
+
+
+def test_results_tables(tmp_path):
+    out = tmp_path / "s"
+    grid = parse_grid({"preset": "smoke", "base": {"drafter.kind": "eagle3"}, "grid": {"controller.policy": ["never", "threshold"], "run.seed": [0, 1]}})
+    run_sweep(grid, out, runner=fake_runner([]), log=lambda *_: None)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [r.name for r in expand(grid)]
+    assert {"controller.policy", "run.seed", "drafts", "accepted", "accept_len_mean", "swaps", "gen_s_per_step", "wall_s"} <= set(rows[0])
+    for row in rows:
+        s = summarize(load_run(out / row["name"]))
+        assert float(row["accept_len_mean"]) == pytest.approx(s.accept_len_mean)
+        assert int(row["drafts"]) == s.accept_total.drafts and int(row["swaps"]) == s.swaps
+    md = (out / "results.md").read_text()
+    assert "4 of 4 runs have results" in md and "## Grouped over `run.seed`" in md
+    group_lines = [line for line in md.splitlines() if line.startswith("| threshold |")]
+    assert len(group_lines) == 1 and group_lines[0].startswith("| threshold | 2 | ")  # two seeds in the group
+    # threshold: one swap and one refusal per seed -> mean 1 with zero spread
+    assert "| 1 ± 0 | 1 ± 0 |" in group_lines[0]
+    means = [summarize(load_run(out / r.name)).accept_len_mean for r in expand(grid) if dict(r.values)["controller.policy"] == "threshold"]
+    assert group_lines[0].split(" | ")[2].startswith(f"{sum(means) / 2:.3g} ± ")
+
+    (out / "results.md").unlink()
+    from codraft.cli import main
+
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text('preset = "smoke"\n[base]\n"drafter.kind" = "eagle3"\n[grid]\n"controller.policy" = ["never", "threshold"]\n"run.seed" = [0, 1]\n')
+    assert main(["sweep", "--grid", str(grid_file), "--out", str(out), "--table-only"]) == 0
+    assert (out / "results.md").read_text().count("\n") == md.count("\n")
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    from codraft.cli import main
+
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text(GRID_TOML)
+    assert main(["sweep", "--grid", str(grid_file), "--out", str(tmp_path / "s"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "8 runs" in text and "policy-every_n__k-3__seed-1" in text and "--preset smoke" in text
+    assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------------- plots
+
+
+def assert_png(path: Path, min_bytes: int = 8000) -> None:
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > min_bytes
+
+
+@pytest.mark.parametrize("fn", [plots.plot_staleness, plots.plot_position_acceptance, plots.plot_stage_times, plots.plot_pareto, plots.plot_accuracy])
+def test_run_plots_write_png(fn, sweep_dir, tmp_path):
+    runs = [load_run(d) for d in find_run_dirs(sweep_dir)]
+    out = fn(runs, tmp_path / "plots" / f"{fn.__name__}.png")
+    assert out == tmp_path / "plots" / f"{fn.__name__}.png"
+    assert_png(out)
+    plain = [load_run(synthetic_run(tmp_path / "plain", "never", 0, kind="none"))]
+    assert_png(fn(plain, tmp_path / f"plain-{fn.__name__}.png"), min_bytes=3000)  # no speculation: a note, no crash
+
+
+def test_bench_plot_writes_png(bench_json, tmp_path):
+    assert_png(plots.plot_rollout_bench(bench_json, tmp_path / "bench.png"))
+
+
+def test_pareto_front():
+    pts = [(0.0, 1.5), (10.0, 2.5), (5.0, 2.0), (12.0, 2.4), (5.0, 1.9), (0.0, 1.2)]
+    assert plots.pareto_front(pts) == [0, 2, 1]
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def test_report_of_sweep_and_of_one_run(sweep_dir, bench_json, tmp_path):
+    assert is_sweep_dir(sweep_dir) and not is_sweep_dir(sweep_dir / "policy-never__seed-0")
+    out = build_report(sweep_dir, bench=bench_json)
+    assert out == sweep_dir / "report.html"
+    page = out.read_text()
+    assert page.count('<img src="data:image/png;base64,') == 6
+    assert 'policy = "threshold"' in page and 'kind = "eagle3"' in page and page.count("<details>") == 4
+    assert "policy-every_n__seed-0" in page and "Grouped over" in page and " ± " in page
+    single = build_report(sweep_dir / "policy-threshold__seed-1", out=tmp_path / "one.html")
+    page = single.read_text()
+    assert page.count('<img src="data:image/png;base64,') == 5 and "seed = 1" in page and "Grouped over" not in page
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+def test_report_renders_in_headless_chromium(sweep_dir, bench_json, tmp_path):
+    report = build_report(sweep_dir, bench=bench_json)
+    shot = tmp_path / "report.png"
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+           "--window-size=1280,2000", f"file://{report.resolve()}"]
+    subprocess.run(cmd, capture_output=True, timeout=180)
+    assert_png(shot, min_bytes=20000)
