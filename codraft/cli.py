@@ -39,6 +39,23 @@ class RunArgs(ConfigArgs):
 
     out: Path | None = None
     """Run directory (default: `output.dir` of the config)."""
+    resume: Path | None = None
+    """Continue the run in this directory from its last checkpoint (its config.toml; `--set run.steps=N` may extend it)."""
+
+
+RESUMABLE_OVERRIDES = ("run.steps", "output.progress", "output.tensorboard")
+
+
+def resume_config(args: RunArgs):
+    from codraft.config import config_from_toml, load_config
+
+    if not (args.resume / "config.toml").is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: no run there (config.toml missing)")
+    bad = [o for o in args.set if o.split("=", 1)[0].strip() not in RESUMABLE_OVERRIDES]
+    if bad or args.config or args.preset != "default":
+        raise ConfigError(f"--resume keeps the run's own config; only {', '.join(RESUMABLE_OVERRIDES)} may be changed (got {bad or '--config/--preset'})")
+    config_from_toml(args.resume / "config.toml")  # validates
+    return load_config(preset=None, path=args.resume / "config.toml", overrides=args.set)
 
 
 def cmd_run(args: RunArgs) -> int:
@@ -47,11 +64,14 @@ def cmd_run(args: RunArgs) -> int:
 
     from codraft.runner import Run, summary_rows
 
-    cfg = args.load()
-    out = args.out or Path(cfg.output.dir)
-    if args.out:
+    if args.resume:
+        cfg, out = resume_config(args), args.resume
+    else:
+        cfg = args.load()
+        out = args.out or Path(cfg.output.dir)
+    if str(out) != cfg.output.dir:
         cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out)))
-    run = Run(cfg, out)
+    run = Run(cfg, out, resume=args.resume is not None)
     try:
         records = run.train()
     finally:
@@ -120,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(parsed) is args_type:
             try:
                 return fn(parsed)
-            except (ConfigError, UnknownNameError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as err:
-                if os.environ.get("CODRAFT_DEBUG"):
+            except Exception as err:  # input errors and failures that say what to do: one clear line
+                expected = (ConfigError, UnknownNameError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ValueError)
+                if os.environ.get("CODRAFT_DEBUG") or not (isinstance(err, expected) or getattr(err, "user_facing", False)):
                     raise
                 print(f"codraft {name}: error: {err}", file=sys.stderr)
                 return 2

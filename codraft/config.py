@@ -102,6 +102,17 @@ class TaskConfig:
     """`arith` warm-start data: share of solutions in the careful, verbose style (the rest are terse)."""
     terse_error: float = 0.15
     """`arith` warm-start data: chance that a terse step's result is off by one (careful steps: a tenth of it)."""
+    mix_task: str = ""
+    """A second task whose prompts join training part-way through (a data-mixture shift; empty = none).
+    The policy is warm-started on both; the drafter only on the main task's rollouts."""
+    mix_share: float = 0.5
+    """Share of training prompts drawn from `mix_task` once it has fully entered."""
+    mix_start: int = 10
+    """Step at which `mix_task` prompts start to enter training."""
+    mix_ramp: int = 5
+    """Steps over which their share grows from 0 to `mix_share`."""
+    mix_sft_share: float = 0.3
+    """Share of the warm-start (SFT) examples drawn from `mix_task`."""
     answer_reward: float = 1.0
     """Reward for an exactly correct final answer."""
     format_reward: float = 0.1
@@ -187,7 +198,7 @@ class DrafterConfig:
     """Distillation steps of the warm start against the SFT policy."""
     lr: float = 1e-3
     """Drafter learning rate (warm start and refreshes)."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Sequences per distillation step."""
     loss: Literal["fkl", "rkl", "tv", "ce"] = "fkl"
     """Distillation loss: forward KL, reverse KL, total variation, or hard-token cross-entropy."""
@@ -199,7 +210,7 @@ class ControllerConfig:
     """Refresh policy, by registered name (`codraft policies` lists them)."""
     args: dict[str, Any] = field(default_factory=dict)
     """The refresh policy's own config fields (`controller.args.<field>`)."""
-    distill_steps: int = 40
+    distill_steps: int = 15
     """Distillation steps per refresh, unless the refresh policy sets a budget."""
     distill_tokens: int = 0
     """Stop a refresh's distillation after this many aligned positions (0 = no token budget)."""
@@ -223,6 +234,8 @@ class OutputConfig:
     """Rollouts written to samples.jsonl per step."""
     save_policy_every: int = 0
     """Also save the policy every this many steps (0 = only at the end)."""
+    checkpoint_every: int = 1
+    """Write a resumable checkpoint every this many steps (0 = never; the last step always)."""
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = False
@@ -401,6 +414,9 @@ def validate(cfg: Config) -> None:
         ("task.num_eval", cfg.task.num_eval >= 1, "must be >= 1"),
         ("task.min_ops", 1 <= cfg.task.min_ops <= cfg.task.max_ops, "must be >= 1 and <= task.max_ops"),
         ("task.ops_decay", 0 < cfg.task.ops_decay <= 1, "must be in (0, 1]"),
+        ("task.mix_share", 0 <= cfg.task.mix_share <= 1, "must be in [0, 1]"),
+        ("task.mix_sft_share", 0 <= cfg.task.mix_sft_share < 1, "must be in [0, 1)"),
+        ("task.mix_ramp", cfg.task.mix_ramp >= 0, "must be >= 0"),
     ]
     for key, ok, message in checks:
         if not ok:

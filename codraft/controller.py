@@ -18,6 +18,7 @@ drafter lags the policy it serves by one update (as in NeMo-RL's in-backward dra
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -61,7 +62,7 @@ class Controller:
         self.run, self.cfg = run, cfg
         self.k = cfg.drafter.num_speculative_tokens
         policy, tok = run.trainer.policy, run.tokenizer
-        prompts = [p["ids"] for p in run.train_prompts]
+        prompts = run.warm_start_prompts()
         self.serving, source = initial_drafter(cfg, policy, prompts, run.policy_dir, tok.eos_token_id, run.pad_id, log=run.log)
         self.serving.eval()
         self.dir = run.dir / "drafter"
@@ -218,6 +219,35 @@ class Controller:
         self.version += 1
         self.steps_since_refresh = 0
         candidate.export(self.dir)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "serving": {name: t.detach().clone() for name, t in self.serving.serving_weights().items()},
+            "version": self.version,
+            "steps_since_refresh": self.steps_since_refresh,
+            "last_distill_s": self.last_distill_s,
+            "last_swap_s": self.last_swap_s,
+            "k_schedule": [list(r) for r in self.k_schedule],
+            "log": dataclasses.asdict(self.log),
+            "refresh_policy": self.refresh_policy.state_dict(),
+            "cost": self.cost.state_dict(),
+            "buffer": [list(b) for b in self.buffer],
+            "holdout": self.holdout,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.serving.load_serving_weights(state["serving"])
+        self.run.engine.load_drafter_weights(self.serving.serving_weights())
+        self.serving.export(self.dir)
+        self.version, self.steps_since_refresh = state["version"], state["steps_since_refresh"]
+        self.last_distill_s, self.last_swap_s = state["last_distill_s"], state["last_swap_s"]
+        self._set_schedule([tuple(r) for r in state["k_schedule"]])
+        self.log = RefreshLog(**state["log"])
+        self.refresh_policy.load_state_dict(state["refresh_policy"])
+        self.cost.load_state_dict(state["cost"])
+        self.buffer = deque(state["buffer"], maxlen=self.cfg.controller.buffer_steps)
+        self.holdout = state["holdout"]
 
     def summary(self) -> dict[str, Any]:
         return {

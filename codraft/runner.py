@@ -19,15 +19,22 @@ from typing import Any
 
 import torch
 
+from codraft import checkpoint
 from codraft.batch import TokenBatch
 from codraft.config import Config, ConfigError, write_config
 from codraft.engine import Generation, Sampling, make_engine
 from codraft.grpo import GRPOTrainer, Scored
-from codraft.io import append_jsonl, atomic_dir
+from codraft.io import append_jsonl, atomic_dir, read_jsonl
 from codraft.loop import grpo_step
 from codraft.metrics import MetricsSink, stage_shares
-from codraft.tasks import make_task
+from codraft.tasks import MixedTask, make_task
 from codraft.testbed import policy_source
+
+
+class RunFailed(RuntimeError):
+    """A step failed; the message says what was saved and how to continue."""
+
+    user_facing = True
 
 
 class NoController:
@@ -42,35 +49,46 @@ class NoController:
     def summary(self) -> dict[str, Any]:
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 class Run:
-    def __init__(self, cfg: Config, run_dir: Path, log=print):
+    def __init__(self, cfg: Config, run_dir: Path, log=print, resume: bool = False):
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.log = log
-        self._prepare_dir()
-        write_config(cfg, self.dir / "config.toml")
+        self.task, (train, held_out) = preflight(cfg)  # bad input fails here, before any output is touched
+        if resume:
+            self._check_resumable()
+        else:
+            self._prepare_dir()
         torch.manual_seed(cfg.run.seed)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-
-        self.task = make_task(cfg.task, cfg.task.seed)
-        train, held_out = self.task.splits()
         self.policy_dir = policy_source(cfg, self.task, log=log)
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model.path: cannot load the tokenizer from {self.policy_dir}: {str(err).splitlines()[0]}") from None
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"model.path: the tokenizer in {self.policy_dir} has no end-of-sequence token")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.train_prompts = self._encode(train, "train")
         self.eval_prompts = self._encode(held_out, "held-out")
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         attention = "eager" if device == "cpu" else "sdpa"  # eager attention trains faster on CPU here
-        policy = AutoModelForCausalLM.from_pretrained(self.policy_dir, dtype=torch.float32, attn_implementation=attention).to(device)
+        policy = load_policy(self.policy_dir, attention).to(device)
         reference = None
         if cfg.grpo.kl_coef > 0:
             reference = AutoModelForCausalLM.from_pretrained(self.policy_dir, dtype=torch.float32, attn_implementation=attention).to(device).eval()
@@ -80,13 +98,18 @@ class Run:
         self.controller = self._make_controller()
         drafter = getattr(self.controller, "serving", None)
         self.engine = make_engine(cfg, self.policy_dir, drafter, getattr(self.controller, "dir", None), getattr(self.controller, "k_schedule", None))
+        write_config(cfg, self.dir / "config.toml")  # last: a run that failed to start leaves no config behind
         self.sink = MetricsSink(self.dir / "metrics.jsonl", tensorboard=cfg.output.tensorboard)
-        self.records: list[dict[str, Any]] = []
+        self.start_step = checkpoint.load(self) if resume else 0
+        self.records: list[dict[str, Any]] = self.sink.records() if resume else []
 
     # ------------------------------------------------------------------ set-up helpers
     def _prepare_dir(self) -> None:
-        if (self.dir / "metrics.jsonl").exists():
-            raise FileExistsError(f"output directory {self.dir} already holds a run (metrics.jsonl); pick another --out")
+        if (self.dir / "config.toml").exists() or (self.dir / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"output directory {self.dir} already holds a run (config.toml / metrics.jsonl); "
+                f"continue it with `codraft run --resume {self.dir}` or pick another --out"
+            )
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / ".write-test"
@@ -95,20 +118,17 @@ class Run:
         except OSError as err:
             raise PermissionError(f"output directory {self.dir} is not writable: {err.strerror}") from None
 
+    def _check_resumable(self) -> None:
+        if not (self.dir / "config.toml").is_file():
+            raise FileNotFoundError(f"--resume {self.dir}: no run there (config.toml missing)")
+        if (self.dir / "metrics.jsonl").exists() and any(r.get("final") for r in read_jsonl(self.dir / "metrics.jsonl")):
+            if checkpoint.last_step(self.dir) >= self.cfg.run.steps - 1:
+                raise FileExistsError(f"--resume {self.dir}: the run already finished all {self.cfg.run.steps} steps (raise run.steps to continue it)")
+
     def _encode(self, ds, split: str) -> list[dict[str, Any]]:
         ids = self.tokenizer(list(ds["prompt"]), add_special_tokens=False).input_ids
-        limit = self.cfg.model.max_len - self.cfg.rollout.max_new_tokens
-        out = []
-        for i, (row, prompt_ids) in enumerate(zip(ds, ids)):
-            if len(prompt_ids) > limit:
-                raise ConfigError(
-                    f"{split} prompt {i} has {len(prompt_ids)} tokens; with rollout.max_new_tokens={self.cfg.rollout.max_new_tokens} "
-                    f"it does not fit model.max_len={self.cfg.model.max_len} (raise model.max_len or shorten the prompts)"
-                )
-            out.append({**row, "ids": prompt_ids})
-        if not out:
-            raise ValueError(f"the task yielded no {split} prompts")
-        return out
+        check_prompt_lengths([len(x) for x in ids], self.cfg.model.max_len, self.cfg.rollout.max_new_tokens, split)
+        return [{**row, "ids": prompt_ids} for row, prompt_ids in zip(ds, ids)]
 
     def _make_controller(self):
         if self.cfg.drafter.kind == "none":
@@ -119,16 +139,27 @@ class Run:
 
     # ------------------------------------------------------------------ what a step asks for
     def prompts_for_step(self, step: int) -> list[dict[str, Any]]:
-        """P prompts for this step: an epoch-wise shuffle of the training prompts (seeded)."""
+        """P prompts for this step: an epoch-wise shuffle of the training prompts (seeded). With a
+        task mixture, a step's share of second-task prompts follows `MixedTask.share_at`."""
         P = self.cfg.rollout.prompts_per_step
-        n = len(self.train_prompts)
-        out = []
-        for k in range(step * P, (step + 1) * P):
-            epoch, pos = divmod(k, n)
-            order = list(range(n))
-            random.Random(f"{self.cfg.run.seed}-{epoch}").shuffle(order)
-            out.append(self.train_prompts[order[pos]])
-        return out
+        if not isinstance(self.task, MixedTask):
+            return [self._draw(self.train_prompts, "all", k) for k in range(step * P, (step + 1) * P)]
+        main = [p for p in self.train_prompts if p["task"] == self.cfg.task.name]
+        extra = [p for p in self.train_prompts if p["task"] != self.cfg.task.name]
+        n_extra = round(self.task.share_at(step) * P)
+        drawn_extra = sum(round(self.task.share_at(s) * P) for s in range(step))
+        return [self._draw(main, "main", step * P - drawn_extra + i) for i in range(P - n_extra)] + [self._draw(extra, "extra", drawn_extra + i) for i in range(n_extra)]
+
+    def _draw(self, pool: list[dict[str, Any]], name: str, k: int) -> dict[str, Any]:
+        """The k-th prompt of an endless, epoch-wise shuffled stream over `pool`."""
+        epoch, pos = divmod(k, len(pool))
+        order = list(range(len(pool)))
+        random.Random(f"{self.cfg.run.seed}-{name}-{epoch}").shuffle(order)
+        return pool[order[pos]]
+
+    def warm_start_prompts(self) -> list[list[int]]:
+        """Prompts of the policy before any RL step: the drafter's warm start samples on these."""
+        return [p["ids"] for p in self.train_prompts if p.get("task", self.cfg.task.name) == self.cfg.task.name]
 
     def seed_for(self, step: int) -> int:
         return self.cfg.run.seed * 1_000_003 + step
@@ -200,12 +231,22 @@ class Run:
         from tqdm import tqdm
 
         cfg = self.cfg
-        bar = tqdm(range(cfg.run.steps), desc="grpo", disable=not cfg.output.progress, dynamic_ncols=True)
+        bar = tqdm(range(self.start_step, cfg.run.steps), desc="grpo", initial=self.start_step, total=cfg.run.steps, disable=not cfg.output.progress, dynamic_ncols=True)
         acc = float("nan")
         for step in bar:
-            record = grpo_step(self, step)
+            try:
+                record = grpo_step(self, step)
+            except Exception as err:
+                done = checkpoint.last_step(self.dir)
+                raise RunFailed(
+                    f"step {step} failed ({type(err).__name__}: {err}); outputs up to step {done} are saved; "
+                    f"continue with `codraft run --resume {self.dir}`"
+                ) from err
             self.sink.write(record)
             self.records.append(record)
+            every = cfg.output.checkpoint_every
+            if every and ((step + 1) % every == 0 or step == cfg.run.steps - 1):
+                checkpoint.save(self, step)
             acc = record.get("eval/accuracy", acc)
             shares = stage_shares([record])
             bar.set_postfix_str(
@@ -225,6 +266,51 @@ class Run:
     def close(self) -> None:
         self.controller.close()
         self.engine.close()
+
+
+def preflight(cfg: Config):
+    """Check everything that can be checked without building models, before touching the output
+    directory: the task's data, the model path, plug-in names and their settings."""
+    from codraft.testbed import check_checkpoint
+
+    task = make_task(cfg.task, cfg.task.seed)
+    splits = task.splits()
+    for name, ds in zip(("training", "held-out"), splits):
+        if len(ds) == 0:
+            raise ValueError(f"the task yielded no {name} prompts")
+    if cfg.model.path:
+        check_checkpoint(Path(cfg.model.path).expanduser())
+    if cfg.drafter.kind != "none":
+        from codraft.controller import parse_k_schedule
+        from codraft.drafter import DRAFTERS
+        from codraft.refresh import make_refresh_policy
+
+        DRAFTERS.get(cfg.drafter.kind)
+        make_refresh_policy(cfg.controller.policy, cfg.controller.args)
+        parse_k_schedule(cfg.drafter.k_schedule, cfg.drafter.num_speculative_tokens, cfg.rollout.max_num_seqs)
+        if cfg.drafter.path and not Path(cfg.drafter.path).is_dir():
+            raise FileNotFoundError(f"drafter.path: no such directory: {cfg.drafter.path}")
+    return task, splits
+
+
+def check_prompt_lengths(lengths: list[int], max_len: int, max_new_tokens: int, split: str) -> None:
+    limit = max_len - max_new_tokens
+    for i, n in enumerate(lengths):
+        if n > limit:
+            raise ConfigError(
+                f"{split} prompt {i} has {n} tokens; with rollout.max_new_tokens={max_new_tokens} it does not fit "
+                f"model.max_len={max_len} (raise model.max_len, lower rollout.max_new_tokens or shorten the prompts)"
+            )
+
+
+def load_policy(path: Path, attention: str):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"model.path: cannot load the policy from {path}: {str(err).splitlines()[0]}") from None
 
 
 def summary_rows(records: list[dict[str, Any]]) -> list[tuple[str, str]]:

@@ -60,6 +60,10 @@ class Task:
         """(train, eval) datasets with columns prompt, answer, solution."""
         raise NotImplementedError
 
+    def owns(self, prompt: str) -> bool:
+        """Whether a prompt belongs to this task (used to route prompts of task mixtures)."""
+        return True
+
     def check(self, completion: str, prompt: str, answer: str) -> bool:
         """Whether the completion's final answer is exactly right."""
         got = final_answer(completion)
@@ -130,6 +134,9 @@ class Arithmetic(SyntheticTask):
     changes, which is the drift codraft studies.
     """
 
+    def owns(self, prompt: str) -> bool:
+        return re.fullmatch(r"Q: [\d+\-]+=\? A:", prompt) is not None
+
     def example(self, rng: random.Random) -> dict[str, str]:
         cfg = self.cfg
         start = value = rng.randint(1, min(cfg.max_operand, cfg.max_value))
@@ -160,6 +167,9 @@ STEP = re.compile(r"(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)")
 @TASKS.register("countdown")
 class Countdown(SyntheticTask):
     """`Q: make 61 from 7 9 25 3 A:` -> ` 7*9=63. 63-3=60. ...` ; every step must be valid."""
+
+    def owns(self, prompt: str) -> bool:
+        return prompt.startswith("Q: make ")
 
     def example(self, rng: random.Random) -> dict[str, str]:
         n_ops = self.num_ops(rng, most=min(self.cfg.max_ops, 4))
@@ -211,10 +221,12 @@ class GSM8K(Task):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(file.suffix)
         if kind is None:
             raise ValueError(f"task.path: {path} must end in .jsonl, .json or .parquet")
+        if file.stat().st_size == 0:
+            raise ValueError(f"task.path: {path} holds no rows")
         try:
             ds = datasets.load_dataset(kind, data_files=str(file), split="train")
         except Exception as err:  # datasets raises several types for unreadable files
-            raise ValueError(f"task.path: cannot read {path} as {kind}: {err}") from None
+            raise ValueError(f"task.path: cannot read {path} as {kind}: {str(err).strip() or type(err).__name__}") from None
         missing = {"question", "answer"} - set(ds.column_names)
         if missing:
             raise ValueError(f"task.path: {path} lacks column(s) {sorted(missing)} (GSM8K layout: question, answer)")
@@ -243,5 +255,45 @@ class GSM8K(Task):
         return train, held_out.select(range(min(self.cfg.num_eval, len(held_out))))
 
 
+class MixedTask(Task):
+    """The main task plus a second task whose prompts join training from `mix_start` on, their share
+    ramping to `mix_share` over `mix_ramp` steps: a shift of the RL data mixture, as curricula and
+    staged data mixes produce. Held-out evaluation stays on the main task. Prompts are routed to
+    their task by `Task.owns`."""
+
+    def __init__(self, cfg: TaskConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.main = TASKS.get(cfg.name)(cfg, seed)
+        self.extra = TASKS.get(cfg.mix_task)(cfg, seed)
+        self.name = f"{cfg.name}+{cfg.mix_task}"
+
+    def splits(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+        train, held_out = self.main.splits()
+        extra_train, extra_held = self.extra.splits()
+        tag = lambda ds, name: ds.add_column("task", [name] * len(ds))  # noqa: E731
+        return datasets.concatenate_datasets([tag(train, self.cfg.name), tag(extra_train, self.cfg.mix_task)]), tag(held_out, self.cfg.name)
+
+    def sft_examples(self, n: int, exclude: set[str]) -> list[dict[str, str]]:
+        n_extra = int(n * self.cfg.mix_sft_share)
+        out = self.main.sft_examples(n - n_extra, exclude) + self.extra.sft_examples(n_extra, exclude)
+        random.Random(f"mix-{self.seed}").shuffle(out)
+        return out
+
+    def task_of(self, prompt: str) -> Task:
+        return self.extra if self.extra.owns(prompt) and not self.main.owns(prompt) else self.main
+
+    def check(self, completion: str, prompt: str, answer: str) -> bool:
+        return self.task_of(prompt).check(completion, prompt, answer)
+
+    def share_at(self, step: int) -> float:
+        """Share of this step's training prompts drawn from the second task."""
+        cfg = self.cfg
+        if step < cfg.mix_start:
+            return 0.0
+        return cfg.mix_share * min(1.0, (step - cfg.mix_start + 1) / max(1, cfg.mix_ramp))
+
+
 def make_task(cfg: TaskConfig, seed: int = 0) -> Task:
+    if cfg.mix_task:
+        return MixedTask(cfg, seed)
     return TASKS.get(cfg.name)(cfg, seed)

@@ -26,7 +26,7 @@ import torch
 from codraft.batch import make_batch, token_logprobs
 from codraft.config import Config, ModelConfig, TaskConfig
 from codraft.io import atomic_dir
-from codraft.tasks import SyntheticTask, Task, make_task
+from codraft.tasks import MixedTask, SyntheticTask, Task, make_task
 
 TESTBED_VERSION = 4
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>"]
@@ -138,7 +138,7 @@ def build_testbed(cfg: Config, task: Task, out: Path) -> dict:
     model_cfg = cfg.model
     train, held_out = task.splits()
     exclude = set(held_out["prompt"]) | set(train["prompt"])  # RL and held-out prompts stay unseen
-    if isinstance(task, SyntheticTask):
+    if isinstance(task, (SyntheticTask, MixedTask)):
         sft = task.sft_examples(max(4 * len(train), model_cfg.sft_steps * model_cfg.sft_batch_size // 4), exclude)
     else:
         sft = list(train)

@@ -9,17 +9,9 @@ from codraft.config import DrafterConfig
 from codraft.distill import distill, distill_loss, teacher_forced_alpha
 from codraft.drafter import DRAFTERS, DrafterMismatch, load_drafter, target_parts
 from codraft.warmstart import record_examples
+from tests_helpers import tiny_policy
 
 KINDS = DRAFTERS.names()
-
-
-def tiny_policy(hidden=64, layers=4, vocab=40, seed=0):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=32, max_position_embeddings=64, tie_word_embeddings=False)
-    return Qwen3ForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")
