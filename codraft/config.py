@@ -66,7 +66,7 @@ class ModelConfig:
     """Testbed: MLP width."""
     max_len: int = 320
     """Context length (prompt + completion) of the testbed and the engine."""
-    sft_steps: int = 800
+    sft_steps: int = 1000
     """Testbed: supervised warm-start steps on worked solutions."""
     sft_batch_size: int = 16
     """Testbed: sequences per supervised step."""
@@ -111,7 +111,7 @@ class TaskConfig:
     """Step at which `mix_task` prompts start to enter training."""
     mix_ramp: int = 5
     """Steps over which their share grows from 0 to `mix_share`."""
-    mix_sft_share: float = 0.3
+    mix_sft_share: float = 0.1
     """Share of the warm-start (SFT) examples drawn from `mix_task`."""
     answer_reward: float = 1.0
     """Reward for an exactly correct final answer."""

@@ -209,6 +209,23 @@ class Countdown(SyntheticTask):
         return int(steps[-1][3]) == int(answer)
 
 
+@TASKS.register("reverse")
+class Reverse(SyntheticTask):
+    """`Q: reverse 7 3 9 1 A:` -> ` 1 9 3 7 #### 1937`: write the digits in reverse order.
+
+    Easy for a small model and very different text from the arithmetic task: used as the second
+    task of a data-mixture shift (`task.mix_task`), it changes what the policy generates without
+    costing the main task much of the warm-start budget."""
+
+    def owns(self, prompt: str) -> bool:
+        return prompt.startswith("Q: reverse ")
+
+    def example(self, rng: random.Random) -> dict[str, str]:
+        digits = [str(rng.randint(1, 9)) for _ in range(rng.randint(3, 8))]
+        back = digits[::-1]
+        return {"prompt": f"Q: reverse {' '.join(digits)} A:", "answer": "".join(back), "solution": f" {' '.join(back)} #### {''.join(back)}"}
+
+
 @TASKS.register("gsm8k")
 class GSM8K(Task):
     """A local file in the GSM8K layout: `question`, `answer` = worked solution ending in `#### n`."""

@@ -18,7 +18,7 @@ def test_final_answer_parsing():
     assert final_answer("no answer") is None
 
 
-@pytest.mark.parametrize("name", ["arith", "countdown"])
+@pytest.mark.parametrize("name", ["arith", "countdown", "reverse"])
 def test_worked_solutions_earn_full_reward(name):
     task = make_task(TaskConfig(name=name, num_train=50, num_eval=10, terse_error=0.0))
     train, held_out = task.splits()
@@ -101,5 +101,5 @@ def test_gsm8k_bad_files(tmp_path):
 
 
 def test_unknown_task_lists_known():
-    with pytest.raises(KeyError, match="unknown task 'arithm'.*known: arith, countdown, gsm8k"):
+    with pytest.raises(KeyError, match="unknown task 'arithm'.*known: arith, countdown, gsm8k, reverse"):
         make_task(TaskConfig(name="arithm"))
