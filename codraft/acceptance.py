@@ -57,6 +57,20 @@ class AcceptanceStats:
         return 1.0 + self.accepted / self.drafts if self.drafts else float("nan")
 
     @property
+    def accept_len_stderr(self) -> float:
+        """Standard error of `accept_len`, exact from the per-position counts.
+
+        A draft's accepted count L is a prefix length, so P(L >= i) = accepted_per_pos[i-1] / drafts
+        and E[L^2] = sum_i (2i - 1) P(L >= i) (i from 1); drafts are treated as independent.
+        """
+        if not self.drafts:
+            return float("nan")
+        p = [c / self.drafts for c in self.accepted_per_pos]
+        mean = sum(p)
+        second = sum((2 * i + 1) * q for i, q in enumerate(p))
+        return max(second - mean * mean, 0.0) ** 0.5 / self.drafts**0.5
+
+    @property
     def accept_rate(self) -> float:
         """Fraction of drafted tokens accepted."""
         return self.accepted / self.draft_tokens if self.draft_tokens else float("nan")

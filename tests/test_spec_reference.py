@@ -89,3 +89,13 @@ def test_homogeneity_separates_distributions():
     c = Counter(torch.multinomial(torch.tensor([0.4, 0.3, 0.3]), 5000, True, generator=g).tolist())
     assert homogeneity(a, b)[2] > 0.01
     assert homogeneity(a, c)[2] < 1e-6
+
+
+def test_accept_len_stderr_matches_the_closed_form():
+    from codraft.acceptance import AcceptanceStats
+
+    # 4 drafts with accepted counts 0, 1, 3, 3 (k = 3): per position 3, 2, 2
+    stats = AcceptanceStats(drafts=4, draft_tokens=12, accepted=7, accepted_per_pos=(3, 2, 2))
+    counts = torch.tensor([0.0, 1.0, 3.0, 3.0])
+    assert stats.accept_len == pytest.approx(1 + counts.mean().item())
+    assert stats.accept_len_stderr == pytest.approx(counts.var(unbiased=False).sqrt().item() / 2)
