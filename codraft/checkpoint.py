@@ -31,7 +31,9 @@ CHECKPOINT_VERSION = 1
 
 
 def save(run: "Run", step: int) -> None:
-    """Write the state after `step` completed."""
+    """Write the state after `step` completed (the main rank writes; DDP ranks hold identical replicas)."""
+    if not run.is_main:
+        return
     with atomic_dir(run.dir / "checkpoint") as tmp:
         torch.save({"policy": run.trainer.policy.state_dict(), "optimizer": run.trainer.optimizer.state_dict()}, tmp / "trainer.pt")
         controller_state = run.controller.state_dict()
@@ -57,9 +59,10 @@ def load(run: "Run") -> int:
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
     run.trainer.policy.load_state_dict(trainer["policy"])
     run.trainer.optimizer.load_state_dict(trainer["optimizer"])
-    if (ckpt / "controller.pt").is_file():
+    if run.is_main and (ckpt / "controller.pt").is_file():
         run.controller.load_state_dict(torch.load(ckpt / "controller.pt", map_location="cpu", weights_only=False))
-    truncate_logs(run.dir, step)
+    if run.is_main:
+        truncate_logs(run.dir, step)
     return step + 1
 
 

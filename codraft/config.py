@@ -243,6 +243,29 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism of the policy under torchrun: `ddp` (a full replica per rank) or `fsdp`
+    (FSDP2: weights, gradients and AdamW states sharded over ranks). Ignored in one process."""
+    backend: str = ""
+    """torch.distributed backend; empty = `nccl` on CUDA, `gloo` on CPU."""
+    timeout_minutes: float = 60.0
+    """How long a collective waits before failing; ranks wait for the main rank's rollouts in one."""
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank r of every adapted projection (peft); 0 = no LoRA (full fine-tuning)."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Names of the linear layers that get adapters (Qwen3 / Llama attention and MLP projections)."""
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -252,6 +275,8 @@ class Config:
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +427,10 @@ def validate(cfg: Config) -> None:
         ("grpo.kl_coef", cfg.grpo.kl_coef >= 0, "must be >= 0"),
         ("grpo.mini_batches", cfg.grpo.mini_batches >= 1, "must be >= 1"),
         ("grpo.max_grad_norm", cfg.grpo.max_grad_norm > 0, "must be > 0"),
+        ("lora.rank", cfg.lora.rank >= 0, "must be >= 0 (0 = no LoRA)"),
+        ("lora.alpha", cfg.lora.alpha > 0, "must be > 0"),
+        ("lora.dropout", 0 <= cfg.lora.dropout < 1, "must be in [0, 1)"),
+        ("dist.timeout_minutes", cfg.dist.timeout_minutes > 0, "must be > 0"),
         ("drafter.num_speculative_tokens", cfg.drafter.num_speculative_tokens >= 1, "must be >= 1 (use drafter.kind=none for no speculation)"),
         ("drafter.lr", cfg.drafter.lr > 0, "must be > 0"),
         ("drafter.warmup_steps", cfg.drafter.warmup_steps >= 0, "must be >= 0"),

@@ -30,7 +30,7 @@ import torch
 from codraft.acceptance import AcceptanceStats
 from codraft.costmodel import CostModel, alpha_from_accept_len
 from codraft.distill import DistillExample, distill, examples_from_forward, teacher_forced_alpha
-from codraft.drafter import Drafter, DrafterMismatch, check_finite, features_from_forward, target_parts
+from codraft.drafter import Drafter, DrafterMismatch, check_finite, features_from_forward
 from codraft.refresh import Observation, RefreshLog, make_refresh_policy
 from codraft.warmstart import initial_drafter
 
@@ -57,11 +57,12 @@ def parse_k_schedule(text: str, k: int, max_batch: int) -> list[tuple[int, int, 
 
 
 class Controller:
-    def __init__(self, run: "Run"):
+    def __init__(self, run: "Run", policy):
+        """`policy`: the initial policy as a plain (unwrapped) Hugging Face model; the warm start samples from it."""
         cfg = run.cfg
         self.run, self.cfg = run, cfg
         self.k = cfg.drafter.num_speculative_tokens
-        policy, tok = run.trainer.policy, run.tokenizer
+        tok = run.tokenizer
         prompts = run.warm_start_prompts()
         self.serving, source = initial_drafter(cfg, policy, prompts, run.policy_dir, tok.eos_token_id, run.pad_id, log=run.log)
         self.serving.eval()
@@ -105,8 +106,8 @@ class Controller:
         n_hold = max(1, int(len(examples) * self.cfg.controller.holdout_fraction)) if examples else 0
         self.holdout, train = examples[:n_hold], examples[n_hold:]
         self.buffer.append(train)
-        parts = target_parts(self.run.trainer.policy)
-        vocab = self.run.trainer.policy.config.vocab_size
+        parts = self.run.target_parts()
+        vocab = self.run.policy_config.vocab_size
         alpha = teacher_forced_alpha(self.serving, self.holdout, parts, self.k, vocab) if self.holdout else None
 
         acc = gen.acceptance or AcceptanceStats()
@@ -180,7 +181,7 @@ class Controller:
 
     def consider(self, candidate: Drafter, alpha_before=None, timer=None) -> dict[str, Any]:
         """Gate `candidate` on held-out teacher-forced acceptance; swap it in if it is better."""
-        parts, vocab = target_parts(self.run.trainer.policy), self.run.trainer.policy.config.vocab_size
+        parts, vocab = self.run.target_parts(), self.run.policy_config.vocab_size
         if alpha_before is None and self.holdout:
             alpha_before = teacher_forced_alpha(self.serving, self.holdout, parts, self.k, vocab)
         after = teacher_forced_alpha(candidate, self.holdout, parts, self.k, vocab) if self.holdout else None
@@ -208,7 +209,7 @@ class Controller:
         if set(new) != set(old) or any(tuple(new[n].shape) != tuple(old[n].shape) for n in new):
             bad = sorted(n for n in set(new) | set(old) if n not in new or n not in old or tuple(new[n].shape) != tuple(old[n].shape))
             raise DrafterMismatch(f"candidate drafter does not fit the serving one (names/shapes differ: {bad[:4]}); the engine was not touched")
-        candidate.check_fits(self.run.trainer.policy.config)
+        candidate.check_fits(self.run.policy_config)
         check_finite(new, "candidate drafter")
         try:
             self.run.engine.load_drafter_weights(new)

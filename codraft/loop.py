@@ -21,7 +21,7 @@ def grpo_step(run: "Run", step: int) -> dict[str, Any]:
     prompts = run.prompts_for_step(step)  # [P] examples with token ids
 
     with timer("prepare"):  # push the latest policy weights into the engine, in place
-        run.engine.load_policy_weights(run.trainer.policy.state_dict().items())
+        run.engine.load_policy_weights(run.policy_weights().items())
     record: dict[str, Any] = {"step": step}
     if run.should_eval(step):
         record.update(run.evaluate())
@@ -36,10 +36,11 @@ def grpo_step(run: "Run", step: int) -> dict[str, Any]:
 
     with timer("logprob"):  # behaviour (+ reference) log-probs; drafters may tap this forward pass
         batch = make_batch([prompts[c.prompt_index]["ids"] for c in gen.completions], [c.token_ids for c in gen.completions], run.pad_id)
+        behaviour = run.engine_logp(batch, gen) if cfg.grpo.behavior_logprobs == "engine" else None
+        run.share((batch, adv, behaviour))  # under torchrun the other ranks train on this batch too
         scored = run.trainer.score(batch, on_forward=run.controller.on_policy_forward(batch, gen))
 
     with timer("train"):  # clipped GRPO update of the policy
-        behaviour = run.engine_logp(batch, gen) if cfg.grpo.behavior_logprobs == "engine" else None
         stats = run.trainer.update(batch, scored, adv, behaviour_logp=behaviour)
 
     # control: the refresh policy sees this step's acceptance and costs; it may distil and swap
@@ -65,3 +66,11 @@ def grpo_step(run: "Run", step: int) -> dict[str, Any]:
         record.update(gen.acceptance.metrics("spec/"))
     run.write_samples(step, prompts, gen, rewards, correct)
     return record
+
+
+def follow_step(run: "Run") -> None:
+    """A step on a rank other than the main one (torchrun): the same collectives, in the same order."""
+    run.policy_weights()  # the main rank pushes them into the engine (a gather under FSDP2)
+    batch, adv, behaviour = run.share(None)
+    scored = run.trainer.score(batch)
+    run.trainer.update(batch, scored, adv, behaviour_logp=behaviour)

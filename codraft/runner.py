@@ -22,10 +22,13 @@ import torch
 from codraft import checkpoint
 from codraft.batch import TokenBatch
 from codraft.config import Config, ConfigError, write_config
+from codraft.distributed import DistributedTrainer, barrier, broadcast_object, full_state_dict, init_from_env, is_fsdp, prepare_engine_environment, unwrap, wrap_policy
+from codraft.drafter import TargetParts, target_parts
 from codraft.engine import Generation, Sampling, make_engine
 from codraft.grpo import GRPOTrainer, Scored
 from codraft.io import append_jsonl, atomic_dir, read_jsonl
-from codraft.loop import grpo_step
+from codraft.lora import apply_lora, is_lora
+from codraft.loop import follow_step, grpo_step
 from codraft.metrics import MetricsSink, stage_shares
 from codraft.tasks import MixedTask, make_task
 from codraft.testbed import policy_source
@@ -64,15 +67,25 @@ class Run:
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.log = log
+        self.dist = init_from_env(cfg.dist)  # one process, or a rank of a torchrun job
+        self.is_main = self.dist.is_main
+        prepare_engine_environment(self.dist)
         self.task, (train, held_out) = preflight(cfg)  # bad input fails here, before any output is touched
-        if resume:
-            self._check_resumable()
-        else:
-            self._prepare_dir()
+        if self.dist.distributed and cfg.dist.strategy == "fsdp" and cfg.output.checkpoint_every:
+            raise ConfigError("output.checkpoint_every: checkpoints of FSDP-sharded runs are not implemented; set output.checkpoint_every=0 or dist.strategy='ddp'")
+        if self.is_main:
+            if resume:
+                self._check_resumable()
+            else:
+                self._prepare_dir()
         torch.manual_seed(cfg.run.seed)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.policy_dir = policy_source(cfg, self.task, log=log)
+        if self.is_main:  # the main rank builds (or finds) the testbed; the others then read the cache
+            self.policy_dir = policy_source(cfg, self.task, log=log)
+        barrier(self.dist)
+        if not self.is_main:
+            self.policy_dir = policy_source(cfg, self.task, log=lambda *a: None)
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,22 +99,31 @@ class Run:
         self.train_prompts = self._encode(train, "train")
         self.eval_prompts = self._encode(held_out, "held-out")
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        attention = "eager" if device == "cpu" else "sdpa"  # eager attention trains faster on CPU here
-        policy = load_policy(self.policy_dir, attention).to(device)
+        device = self.dist.device
+        attention = "eager" if device.type == "cpu" else "sdpa"  # eager attention trains faster on CPU here
+        policy = apply_lora(load_policy(self.policy_dir, attention).to(device), cfg.lora)  # LoRA: only adapters train
+        self.policy_config = policy.config
+        self._parts = target_parts(policy)
         reference = None
         if cfg.grpo.kl_coef > 0:
             reference = AutoModelForCausalLM.from_pretrained(self.policy_dir, dtype=torch.float32, attn_implementation=attention).to(device).eval()
             reference.requires_grad_(False)
-        self.trainer = GRPOTrainer(policy, cfg.grpo, cfg.rollout.temperature, reference)
 
-        self.controller = self._make_controller()
-        drafter = getattr(self.controller, "serving", None)
-        self.engine = make_engine(cfg, self.policy_dir, drafter, getattr(self.controller, "dir", None), getattr(self.controller, "k_schedule", None))
-        write_config(cfg, self.dir / "config.toml")  # last: a run that failed to start leaves no config behind
-        self.sink = MetricsSink(self.dir / "metrics.jsonl", tensorboard=cfg.output.tensorboard)
+        # the main rank owns the drafter and the engine; the controller warm-starts on the unwrapped policy
+        self.controller = self._make_controller(policy) if self.is_main else NoController()
+        policy = wrap_policy(policy, self.dist, cfg.dist.strategy)  # DDP / FSDP2 under torchrun, else as is
+        if self.dist.distributed:
+            self.trainer: GRPOTrainer = DistributedTrainer(policy, cfg.grpo, self.dist, cfg.rollout.temperature, reference)
+        else:
+            self.trainer = GRPOTrainer(policy, cfg.grpo, cfg.rollout.temperature, reference)
+        self.engine = None
+        if self.is_main:
+            drafter = getattr(self.controller, "serving", None)
+            self.engine = make_engine(cfg, self.policy_dir, drafter, getattr(self.controller, "dir", None), getattr(self.controller, "k_schedule", None))
+            write_config(cfg, self.dir / "config.toml")  # last: a run that failed to start leaves no config behind
+            self.sink = MetricsSink(self.dir / "metrics.jsonl", tensorboard=cfg.output.tensorboard)
         self.start_step = checkpoint.load(self) if resume else 0
-        self.records: list[dict[str, Any]] = self.sink.records() if resume else []
+        self.records: list[dict[str, Any]] = self.sink.records() if resume and self.is_main else []
 
     # ------------------------------------------------------------------ set-up helpers
     def _prepare_dir(self) -> None:
@@ -130,12 +152,32 @@ class Run:
         check_prompt_lengths([len(x) for x in ids], self.cfg.model.max_len, self.cfg.rollout.max_new_tokens, split)
         return [{**row, "ids": prompt_ids} for row, prompt_ids in zip(ds, ids)]
 
-    def _make_controller(self):
+    def _make_controller(self, policy: torch.nn.Module):
         if self.cfg.drafter.kind == "none":
             return NoController()
         from codraft.controller import Controller
 
-        return Controller(self)
+        return Controller(self, policy)
+
+    # ------------------------------------------------------------------ the policy as the engine and drafters see it
+    def policy_weights(self) -> dict[str, torch.Tensor]:
+        """The full policy in Hugging Face names (LoRA merged) on the main rank, {} on the others.
+
+        A collective under FSDP2: every rank calls it at the same point of a step."""
+        weights = full_state_dict(self.trainer.policy, self.dist)
+        if weights and is_fsdp(unwrap(self.trainer.policy)):  # sharded model: keep gathered copies for the drafters
+            embed = weights["model.embed_tokens.weight"]
+            self._parts = TargetParts(embed, weights.get("lm_head.weight", embed))
+        return weights
+
+    def target_parts(self) -> TargetParts:
+        """The current policy's token embedding and output head (what drafters share with it)."""
+        local = unwrap(self.trainer.policy)
+        return self._parts if is_fsdp(local) else target_parts(local)
+
+    def share(self, payload: Any) -> Any:
+        """The main rank's step batch, on every rank (a broadcast under torchrun)."""
+        return broadcast_object(payload, self.dist) if self.dist.distributed else payload
 
     # ------------------------------------------------------------------ what a step asks for
     def prompts_for_step(self, step: int) -> list[dict[str, Any]]:
@@ -223,8 +265,14 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
     def save_policy(self) -> None:
+        """`RUN_DIR/policy/`: the current policy (LoRA merged) as a plain Hugging Face checkpoint."""
+        weights = self.policy_weights()
+        if not self.is_main:
+            return
+        model = unwrap(self.trainer.policy)
+        model = model.get_base_model() if is_lora(model) else model
         with atomic_dir(self.dir / "policy") as tmp:
-            self.trainer.policy.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             self.tokenizer.save_pretrained(tmp)
 
     def train(self) -> list[dict[str, Any]]:
@@ -234,6 +282,11 @@ class Run:
         bar = tqdm(range(self.start_step, cfg.run.steps), desc="grpo", initial=self.start_step, total=cfg.run.steps, disable=not cfg.output.progress, dynamic_ncols=True)
         acc = float("nan")
         for step in bar:
+            if not self.is_main:  # other ranks train on the main rank's batch; it logs and saves
+                follow_step(self)
+                if cfg.output.save_policy_every and (step + 1) % cfg.output.save_policy_every == 0:
+                    self.save_policy()
+                continue
             try:
                 record = grpo_step(self, step)
             except Exception as err:
@@ -256,16 +309,19 @@ class Run:
             )
             if cfg.output.save_policy_every and (step + 1) % cfg.output.save_policy_every == 0:
                 self.save_policy()
-        self.engine.load_policy_weights(self.trainer.policy.state_dict().items())
-        final = {"step": cfg.run.steps, "final": True, **self.evaluate()}
-        self.sink.write(final)
-        self.records.append(final)
+        weights = self.policy_weights()
+        if self.is_main:
+            self.engine.load_policy_weights(weights.items())
+            final = {"step": cfg.run.steps, "final": True, **self.evaluate()}
+            self.sink.write(final)
+            self.records.append(final)
         self.save_policy()
         return self.records
 
     def close(self) -> None:
         self.controller.close()
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 def preflight(cfg: Config):

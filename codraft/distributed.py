@@ -1,0 +1,397 @@
+"""Data-parallel policy training with torch.distributed (DDP or FSDP2) next to one rollout engine.
+
+    state = init_from_env(cfg.dist)                           # torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+    policy = wrap_policy(policy, state, cfg.dist.strategy)     # DDP, FSDP2, or the model itself
+    trainer = DistributedTrainer(policy, cfg.grpo, state, temperature, reference)
+    batch, adv = broadcast_object((batch, adv) if state.is_main else None, state)
+    scored = trainer.score(batch)                              # each rank scores its rows; summed
+    stats = trainer.update(batch, scored, adv)                 # same gradient as one process
+    weights = full_state_dict(policy, state)                   # full HF-named weights, main rank only
+
+Launch: `torchrun --nproc-per-node 8 -m codraft ...` on one node; several nodes add
+`--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT` (see codraft/DISTRIBUTED.md). Without
+torchrun the world size is 1, no process group is created and every function is a no-op.
+
+Who does what in a step (synchronous, single rollout engine):
+- The main rank (rank 0) owns the rollout engine, the rewards and the drafter controller. It pushes
+  the full policy weights (`full_state_dict`) into the engine, generates, scores rewards, computes
+  the advantages, and broadcasts the token batch to the other ranks (`broadcast_object`), which wait
+  in that broadcast meanwhile. The batch is token ids only (megabytes), so every rank holds the
+  whole global batch; each rank trains on its rows (`shard_rows`).
+- On GPU the engine's own tensor parallelism (`rollout.tensor_parallel_size = T`) spreads the
+  engine over T GPUs of the main rank's node: vLLM's multiprocessing executor starts T worker
+  processes (their own process groups, not the trainer's) on GPUs 0..T-1, which they share with
+  the training ranks, each taking `rollout.gpu_memory_utilization` of its GPU. The weights pushed
+  by the main rank go to every TP worker, which keeps its shard. The engine therefore stays on one
+  node; on several nodes the other nodes only train.
+- vLLM initialises torch.distributed only when no default group exists (vLLM 0.32,
+  `init_distributed_environment`); an engine built *inside* a rank of a torchrun job would take the
+  trainer's group as its world and hang or fail. With world_size > 1 the engine must run in child
+  processes: `prepare_engine_environment` sets `VLLM_ENABLE_V1_MULTIPROCESSING=1` for that.
+
+Gradient equality with one process: the loss of a mini-batch is the sum of its per-token losses
+divided by the mini-batch's GLOBAL completion-token count (every rank computes it from the whole
+batch, so it needs no communication), and ranks SUM their gradients (DDP through a sum comm hook,
+FSDP2 with a gradient divide factor of 1) instead of averaging them. Clipping then sees the full
+gradient, non-finite steps are skipped on every rank alike, and the diagnostics are summed over
+ranks before they are divided by the global token count.
+
+Tested here: CPU, gloo, 2 processes, DDP and FSDP2 against a single-process update. Not tested:
+GPUs, NCCL, several nodes, vLLM tensor parallelism next to training ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+
+from codraft.batch import TokenBatch, token_logprobs
+from codraft.config import DistConfig, GRPOConfig
+from codraft.grpo import GRPOTrainer, Scored, grpo_token_loss
+
+
+@dataclass(frozen=True)
+class DistState:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_from_env(cfg: DistConfig = DistConfig()) -> DistState:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+
+    Without those variables, or with WORLD_SIZE=1, this is one process and no group is created.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = cfg.backend or ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    return DistState(rank, world_size, local_rank, device)
+
+
+def shutdown() -> None:
+    """Leave the process group (if one was created)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(state: DistState) -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if state.distributed:
+        dist.barrier()
+
+
+def prepare_engine_environment(state: DistState) -> None:
+    """Keep vLLM out of the trainer's process group: engine core in child processes when world_size > 1."""
+    if state.distributed:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+
+
+# ----------------------------------------------------------------------------------- sharding
+
+
+def shard_rows(n_rows: int, state: DistState) -> list[int]:
+    """This rank's rows of an `n_rows` batch: strided, rank r takes r, r + W, r + 2W, ...
+
+    Strided rather than contiguous because rollouts are prompt-major: a stride spreads each prompt's
+    group (and its typical length) over all ranks, which balances their work. Every row belongs to
+    exactly one rank; a rank may get none when n_rows < world_size.
+    """
+    return list(range(state.rank, n_rows, state.world_size))
+
+
+def broadcast_object(obj: Any, state: DistState, src: int = 0) -> Any:
+    """`obj` from rank `src` on every rank (pickled; for the rollout batch and the main rank's decisions)."""
+    if not state.distributed:
+        return obj
+    box = [obj if state.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(value: torch.Tensor | float, state: DistState) -> torch.Tensor | float:
+    """Sum over ranks; a float comes back a float, a tensor a new tensor on its own device."""
+    if not state.distributed:
+        return value
+    if isinstance(value, float):
+        tensor = torch.tensor(value, dtype=torch.float64, device=state.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return float(tensor)
+    tensor = value.to(state.device, copy=True)  # NCCL reduces only CUDA tensors
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.to(value.device)
+
+
+# ----------------------------------------------------------------------------------- wrapping
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise RuntimeError(f"dist.strategy='fsdp' needs FSDP2 (torch.distributed.fsdp.fully_shard), absent in torch {torch.__version__}; use dist.strategy='ddp'") from None
+    return fully_shard
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under a DDP wrapper (FSDP2 shards in place, so an FSDP model is its own module)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _sum_hook(group, bucket):  # no annotations: DDP compares them with dist.GradBucket at registration
+    """DDP comm hook: SUM gradients over ranks (DDP's default averages them). Returns a Future of the bucket."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP2 shards one by one (Hugging Face decoders keep them in `layers`)."""
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    return []
+
+
+def wrap_policy(model: torch.nn.Module, state: DistState, strategy: str = "ddp") -> torch.nn.Module:
+    """The module to train: DDP or FSDP2 over `model` (already on `state.device`), or `model` itself at world_size 1.
+
+    Both strategies SUM gradients over ranks (see the module docstring); wrap before building the
+    optimizer, since FSDP2 replaces the parameters by sharded ones.
+    """
+    if not state.distributed:
+        return model
+    if strategy == "ddp":
+        device_ids = [state.device.index] if state.device.type == "cuda" else None
+        # buffers (rotary tables) are constants: synced once at init, not before every forward
+        ddp_args = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_args else {"broadcast_buffers": False}
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
+        ddp.register_comm_hook(None, _sum_hook)
+        return ddp
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        fully_shard = _fully_shard()
+        mesh = init_device_mesh(state.device.type, (state.world_size,))
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for module in model.modules():
+            if is_fsdp(module):
+                module.set_gradient_divide_factor(1.0)  # sum, not mean
+                if hasattr(module, "set_force_sum_reduction_for_comms"):
+                    module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM (the factor-1 reduction)
+        return model
+    raise ValueError(f"unknown dist.strategy {strategy!r}; expected 'ddp' or 'fsdp'")
+
+
+def full_state_dict(model: torch.nn.Module, state: DistState) -> dict[str, torch.Tensor]:
+    """The full policy weights in Hugging Face names on the main rank ({} on the others).
+
+    A collective under FSDP2 (every rank must call it). A LoRA model's adapters come back merged
+    into the base weights (codraft.lora.merged_state_dict), which is what the engine serves.
+    """
+    from codraft import lora
+
+    local = unwrap(model)
+    if is_fsdp(local) and state.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(local, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif state.is_main:
+        weights = local.state_dict()
+    else:
+        weights = {}
+    if not state.is_main:
+        return {}
+    return lora.merged_state_dict(local, weights) if lora.is_lora(local) else weights
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+class DistributedTrainer(GRPOTrainer):
+    """GRPOTrainer whose ranks split the global batch's rows and together take the single-process step.
+
+    `score` and `update` take the GLOBAL batch on every rank. Each rank runs the rows of
+    `shard_rows`; ranks with fewer micro-batches than the busiest one run zero-weight passes, so
+    every rank joins the same collectives (FSDP2 gathers weights in each forward, DDP reduces in
+    the last backward of a mini-batch). `on_forward` sees this rank's rows only.
+    """
+
+    def __init__(self, policy: torch.nn.Module, cfg: GRPOConfig, state: DistState, temperature: float = 1.0, reference: torch.nn.Module | None = None):
+        super().__init__(policy, cfg, temperature, reference)
+        self.state = state
+        self.ddp = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
+
+    # ---- hooks (what a single-process GRPOTrainer does with all rows and no communication)
+    def _plan(self, batch: TokenBatch, rows: list[int] | None = None) -> list[list[int]]:
+        """This rank's micro-batches of `rows`, padded with [] (zero-weight passes) to the busiest rank's count.
+
+        Every rank holds the whole batch, so it computes every rank's count itself: no communication.
+        """
+        B, W = batch.input_ids.shape[0], self.state.world_size
+        rows = list(range(B)) if rows is None else rows
+        owned = [set(shard_rows(B, replace(self.state, rank=k))) for k in range(W)]
+        per_rank = [[r for r in rows if r in owned[k]] for k in range(W)]
+        passes = max(len(self._chunks(batch, theirs)) for theirs in per_rank)
+        mine = self._chunks(batch, per_rank[self.state.rank])
+        return mine + [[]] * (passes - len(mine))
+
+    def _idle_pass(self, batch: TokenBatch) -> None:
+        """A forward (and, with grad on, a backward) that contributes exactly zero, to join the collectives."""
+        mb = TokenBatch(batch.input_ids[:1, :2], batch.attention_mask[:1, :2], batch.completion_mask[:1, :2])
+        logits, _ = self._forward(self.policy, mb)
+        if torch.is_grad_enabled():
+            (logits.sum() * 0.0).backward()
+
+    def _sync(self, last: bool):
+        """DDP reduces gradients in the last backward of a mini-batch only; FSDP2 in every backward
+        (its accumulated gradients then stay sharded)."""
+        return self.policy.no_sync() if self.ddp and not last else contextlib.nullcontext()
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """True only if `flag` holds on every rank (decisions all ranks must take alike)."""
+        if not self.state.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.state.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (per-rank partial sums of log-probs and diagnostics)."""
+        return all_reduce_sum(tensor, self.state)
+
+    def _clip(self) -> float:
+        """Clip the full gradient; returns its norm before clipping (the same on every rank)."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+
+    # ---- the two stages, written against the hooks above. Once GRPOTrainer calls the same hooks
+    # (see codraft/DISTRIBUTED.md, "Hooks for grpo.py"), `score`, `_micro_step` and `update` below
+    # are GRPOTrainer's own and are deleted here.
+    @torch.no_grad()
+    def score(self, batch: TokenBatch, on_forward: Callable[[list[int], TokenBatch, Any, torch.Tensor], None] | None = None, force: bool = False) -> Scored:
+        """GRPOTrainer.score over the global batch: each rank scores its rows, the log-probs are summed."""
+        cfg = self.cfg
+        use_ref = self.reference is not None and cfg.kl_coef > 0
+        needed = force or use_ref or on_forward is not None or cfg.mini_batches > 1 or cfg.behavior_logprobs != "recompute"
+        if self._all_ranks(not needed):  # only the main rank may hold an on_forward: decide together
+            return Scored(None, None)
+        B, T = batch.input_ids.shape
+        old = torch.zeros(B, T - 1)
+        ref = torch.zeros(B, T - 1) if use_ref else None
+        self.policy.eval()
+        for rows in self._plan(batch):
+            if not rows:
+                self._idle_pass(batch)
+                continue
+            mb = self._slice(batch, rows)
+            t = mb.input_ids.shape[1] - 1
+            targets = mb.targets.to(self.device)
+            logits, out = self._forward(self.policy, mb, hidden=on_forward is not None)
+            old[rows, :t] = token_logprobs(logits, targets).cpu() * mb.target_mask
+            if on_forward is not None:
+                on_forward(rows, mb, out, logits)
+            if ref is not None:
+                ref_logits, _ = self._forward(self.reference, mb)
+                ref[rows, :t] = token_logprobs(ref_logits, targets).cpu() * mb.target_mask
+        # each row was filled on exactly one rank and is zero on the others
+        return Scored(self._reduce_sum(old), self._reduce_sum(ref) if ref is not None else None)
+
+    def _micro_step(self, batch: TokenBatch, rows: list[int], scored: Scored, old_all: torch.Tensor | None, adv: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its token sums of loss, clip, kl, entropy [4]."""
+        cfg = self.cfg
+        mb = self._slice(batch, rows)
+        t = mb.input_ids.shape[1] - 1
+        mask = mb.target_mask.float().to(self.device)
+        logits, _ = self._forward(self.policy, mb)
+        logp = token_logprobs(logits, mb.targets.to(self.device))
+        ref = scored.ref_logp[rows, :t].to(self.device) if scored.ref_logp is not None else None
+        old = logp.detach() if old_all is None else old_all[rows, :t].to(self.device)
+        loss_tok, info = grpo_token_loss(logp, old, adv[rows].to(self.device), cfg.clip_low, cfg.clip_high, ref, cfg.kl_coef)
+        loss = (loss_tok * mask).sum() / n_tokens  # n_tokens: the whole mini-batch's, over all ranks
+        loss.backward()
+        with torch.no_grad():
+            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [b, t]
+            kl = float((info["kl"] * mask).sum()) if "kl" in info else 0.0
+            return torch.tensor([loss.item() * n_tokens, float((info["clipped"] * mask).sum()), kl, float((entropy * mask).sum())], dtype=torch.float64)
+
+    def update(self, batch: TokenBatch, scored: Scored, adv: torch.Tensor, behaviour_logp: torch.Tensor | None = None) -> dict[str, float]:
+        """GRPOTrainer.update over the global batch, each rank running its rows: the same optimizer
+        steps with the same gradients as one process. Returns the same diagnostics, over all ranks."""
+        cfg = self.cfg
+        old_all = behaviour_logp if behaviour_logp is not None else scored.old_logp
+        B = batch.input_ids.shape[0]
+        perm = torch.randperm(B, generator=torch.Generator().manual_seed(B)).tolist()  # same on every rank
+        minis = [perm[i :: cfg.mini_batches] for i in range(cfg.mini_batches)]
+        sums = torch.zeros(4, dtype=torch.float64)  # this rank's token sums of loss, clip_frac, kl, entropy
+        grad_norm_sum = 0.0
+        tokens_seen = trained = skipped = 0
+        self.policy.train()
+        for mini in minis:
+            n_tokens = int(batch.target_mask[mini].sum())  # global: every rank holds the whole batch
+            active = [r for r in mini if cfg.kl_coef > 0 or float(adv[r]) != 0.0]
+            if n_tokens == 0 or not active:
+                continue  # decided alike on every rank
+            self.optimizer.zero_grad(set_to_none=True)
+            plan = self._plan(batch, active)
+            for i, rows in enumerate(plan):
+                with self._sync(last=i == len(plan) - 1):
+                    if rows:
+                        sums += self._micro_step(batch, rows, scored, old_all, adv, n_tokens)
+                    else:
+                        self._idle_pass(batch)
+            grad_norm = self._clip()
+            if not self._all_ranks(math.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)  # never step on non-finite gradients
+                skipped += 1
+            else:
+                self.optimizer.step()
+                grad_norm_sum += grad_norm * n_tokens
+            tokens_seen += n_tokens
+            trained += len(active)
+        self.policy.eval()
+        sums = self._reduce_sum(sums)
+        n = max(1, tokens_seen)
+        out = {k: float(v) / n for k, v in zip(("loss", "clip_frac", "kl", "entropy"), sums)}
+        out["grad_norm"] = grad_norm_sum / n
+        out["skipped_updates"] = skipped
+        out["trained_frac"] = trained / max(1, B)
+        if not math.isfinite(out["loss"]):
+            out["loss"] = float("nan")
+        return out
