@@ -62,6 +62,7 @@ def cmd_run(args: RunArgs) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from codraft.distributed import shutdown
     from codraft.runner import Run, summary_rows
 
     if args.resume:
@@ -76,6 +77,9 @@ def cmd_run(args: RunArgs) -> int:
         records = run.train()
     finally:
         run.close()
+        shutdown()  # leave the torchrun process group, if any
+    if not run.is_main:
+        return 0
     table = Table(title=f"codraft run: {out}")
     table.add_column("")
     table.add_column("value", justify="right")

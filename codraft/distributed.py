@@ -9,7 +9,7 @@
     weights = full_state_dict(policy, state)                   # full HF-named weights, main rank only
 
 Launch: `torchrun --nproc-per-node 8 -m codraft ...` on one node; several nodes add
-`--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT` (see codraft/DISTRIBUTED.md). Without
+`--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT` (see README.md, "Scaling out"). Without
 torchrun the world size is 1, no process group is created and every function is a no-op.
 
 Who does what in a step (synchronous, single rollout engine):
@@ -44,17 +44,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import inspect
-import math
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from codraft.batch import TokenBatch, token_logprobs
+from codraft.batch import TokenBatch
 from codraft.config import DistConfig, GRPOConfig
-from codraft.grpo import GRPOTrainer, Scored, grpo_token_loss
+from codraft.grpo import GRPOTrainer
 
 
 @dataclass(frozen=True)
@@ -300,98 +299,3 @@ class DistributedTrainer(GRPOTrainer):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
-
-    # ---- the two stages, written against the hooks above. Once GRPOTrainer calls the same hooks
-    # (see codraft/DISTRIBUTED.md, "Hooks for grpo.py"), `score`, `_micro_step` and `update` below
-    # are GRPOTrainer's own and are deleted here.
-    @torch.no_grad()
-    def score(self, batch: TokenBatch, on_forward: Callable[[list[int], TokenBatch, Any, torch.Tensor], None] | None = None, force: bool = False) -> Scored:
-        """GRPOTrainer.score over the global batch: each rank scores its rows, the log-probs are summed."""
-        cfg = self.cfg
-        use_ref = self.reference is not None and cfg.kl_coef > 0
-        needed = force or use_ref or on_forward is not None or cfg.mini_batches > 1 or cfg.behavior_logprobs != "recompute"
-        if self._all_ranks(not needed):  # only the main rank may hold an on_forward: decide together
-            return Scored(None, None)
-        B, T = batch.input_ids.shape
-        old = torch.zeros(B, T - 1)
-        ref = torch.zeros(B, T - 1) if use_ref else None
-        self.policy.eval()
-        for rows in self._plan(batch):
-            if not rows:
-                self._idle_pass(batch)
-                continue
-            mb = self._slice(batch, rows)
-            t = mb.input_ids.shape[1] - 1
-            targets = mb.targets.to(self.device)
-            logits, out = self._forward(self.policy, mb, hidden=on_forward is not None)
-            old[rows, :t] = token_logprobs(logits, targets).cpu() * mb.target_mask
-            if on_forward is not None:
-                on_forward(rows, mb, out, logits)
-            if ref is not None:
-                ref_logits, _ = self._forward(self.reference, mb)
-                ref[rows, :t] = token_logprobs(ref_logits, targets).cpu() * mb.target_mask
-        # each row was filled on exactly one rank and is zero on the others
-        return Scored(self._reduce_sum(old), self._reduce_sum(ref) if ref is not None else None)
-
-    def _micro_step(self, batch: TokenBatch, rows: list[int], scored: Scored, old_all: torch.Tensor | None, adv: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its token sums of loss, clip, kl, entropy [4]."""
-        cfg = self.cfg
-        mb = self._slice(batch, rows)
-        t = mb.input_ids.shape[1] - 1
-        mask = mb.target_mask.float().to(self.device)
-        logits, _ = self._forward(self.policy, mb)
-        logp = token_logprobs(logits, mb.targets.to(self.device))
-        ref = scored.ref_logp[rows, :t].to(self.device) if scored.ref_logp is not None else None
-        old = logp.detach() if old_all is None else old_all[rows, :t].to(self.device)
-        loss_tok, info = grpo_token_loss(logp, old, adv[rows].to(self.device), cfg.clip_low, cfg.clip_high, ref, cfg.kl_coef)
-        loss = (loss_tok * mask).sum() / n_tokens  # n_tokens: the whole mini-batch's, over all ranks
-        loss.backward()
-        with torch.no_grad():
-            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [b, t]
-            kl = float((info["kl"] * mask).sum()) if "kl" in info else 0.0
-            return torch.tensor([loss.item() * n_tokens, float((info["clipped"] * mask).sum()), kl, float((entropy * mask).sum())], dtype=torch.float64)
-
-    def update(self, batch: TokenBatch, scored: Scored, adv: torch.Tensor, behaviour_logp: torch.Tensor | None = None) -> dict[str, float]:
-        """GRPOTrainer.update over the global batch, each rank running its rows: the same optimizer
-        steps with the same gradients as one process. Returns the same diagnostics, over all ranks."""
-        cfg = self.cfg
-        old_all = behaviour_logp if behaviour_logp is not None else scored.old_logp
-        B = batch.input_ids.shape[0]
-        perm = torch.randperm(B, generator=torch.Generator().manual_seed(B)).tolist()  # same on every rank
-        minis = [perm[i :: cfg.mini_batches] for i in range(cfg.mini_batches)]
-        sums = torch.zeros(4, dtype=torch.float64)  # this rank's token sums of loss, clip_frac, kl, entropy
-        grad_norm_sum = 0.0
-        tokens_seen = trained = skipped = 0
-        self.policy.train()
-        for mini in minis:
-            n_tokens = int(batch.target_mask[mini].sum())  # global: every rank holds the whole batch
-            active = [r for r in mini if cfg.kl_coef > 0 or float(adv[r]) != 0.0]
-            if n_tokens == 0 or not active:
-                continue  # decided alike on every rank
-            self.optimizer.zero_grad(set_to_none=True)
-            plan = self._plan(batch, active)
-            for i, rows in enumerate(plan):
-                with self._sync(last=i == len(plan) - 1):
-                    if rows:
-                        sums += self._micro_step(batch, rows, scored, old_all, adv, n_tokens)
-                    else:
-                        self._idle_pass(batch)
-            grad_norm = self._clip()
-            if not self._all_ranks(math.isfinite(grad_norm)):
-                self.optimizer.zero_grad(set_to_none=True)  # never step on non-finite gradients
-                skipped += 1
-            else:
-                self.optimizer.step()
-                grad_norm_sum += grad_norm * n_tokens
-            tokens_seen += n_tokens
-            trained += len(active)
-        self.policy.eval()
-        sums = self._reduce_sum(sums)
-        n = max(1, tokens_seen)
-        out = {k: float(v) / n for k, v in zip(("loss", "clip_frac", "kl", "entropy"), sums)}
-        out["grad_norm"] = grad_norm_sum / n
-        out["skipped_updates"] = skipped
-        out["trained_frac"] = trained / max(1, B)
-        if not math.isfinite(out["loss"]):
-            out["loss"] = float("nan")
-        return out

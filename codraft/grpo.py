@@ -10,6 +10,7 @@ averaged over all completion tokens of a mini-batch (token-level aggregation, as
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -101,83 +102,124 @@ class GRPOTrainer:
         groups = micro_batches([lengths[r] for r in rows], self.cfg.micro_batch_tokens)
         return [[rows[i] for i in g] for g in groups]
 
+    # ---- hooks: what data parallelism changes (codraft.distributed.DistributedTrainer overrides them)
+    def _plan(self, batch: TokenBatch, rows: list[int] | None = None) -> list[list[int]]:
+        """Micro-batches of `rows` that this process runs ([] = a zero-weight pass to join collectives)."""
+        return self._chunks(batch, rows)
+
+    def _idle_pass(self, batch: TokenBatch) -> None:
+        """A pass that contributes nothing; only data-parallel ranks without rows of their own run one."""
+
+    def _sync(self, last: bool):
+        """Context of one backward; data parallelism reduces gradients in the last one of a mini-batch."""
+        return contextlib.nullcontext()
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """True only if `flag` holds on every rank."""
+        return flag
+
+    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks."""
+        return tensor
+
+    def _clip(self) -> float:
+        """Clip the gradient to `max_grad_norm`; returns its norm before clipping."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+
+    # ---- the two stages
     @torch.no_grad()
     def score(self, batch: TokenBatch, on_forward: Callable[[list[int], TokenBatch, Any, torch.Tensor], None] | None = None, force: bool = False) -> Scored:
         """Logprob stage: behaviour and reference log-probs of every completion token.
 
         `on_forward(rows, micro_batch, model_output, logits)` sees each policy forward pass, so that
-        consumers (drafter distillation) reuse it instead of running the policy again.
+        consumers (drafter distillation) reuse it instead of running the policy again. With one
+        on-policy mini-batch and nothing else asking, nothing runs: the update's own forward gives
+        the same log-probs (ratio 1) and it detaches them itself.
         """
-        B, T = batch.input_ids.shape
-        ref = torch.zeros(B, T - 1) if self.reference is not None and self.cfg.kl_coef > 0 else None
-        if self.cfg.mini_batches == 1 and ref is None and on_forward is None and self.cfg.behavior_logprobs == "recompute" and not force:
-            # With a single on-policy update the recomputed log-probs equal the update's own forward
-            # (ratio 1); the update detaches them itself instead of running the policy twice.
+        cfg = self.cfg
+        use_ref = self.reference is not None and cfg.kl_coef > 0
+        needed = force or use_ref or on_forward is not None or cfg.mini_batches > 1 or cfg.behavior_logprobs != "recompute"
+        if self._all_ranks(not needed):  # only the main rank may hold an on_forward: decide together
             return Scored(None, None)
+        B, T = batch.input_ids.shape
         old = torch.zeros(B, T - 1)
+        ref = torch.zeros(B, T - 1) if use_ref else None
         self.policy.eval()
-        for rows in self._chunks(batch):
+        for rows in self._plan(batch):
+            if not rows:
+                self._idle_pass(batch)
+                continue
             mb = self._slice(batch, rows)
             t = mb.input_ids.shape[1] - 1
+            targets = mb.targets.to(self.device)
             logits, out = self._forward(self.policy, mb, hidden=on_forward is not None)
-            old[rows, :t] = token_logprobs(logits, mb.targets.to(self.device)).cpu() * mb.target_mask
+            old[rows, :t] = token_logprobs(logits, targets).cpu() * mb.target_mask
             if on_forward is not None:
                 on_forward(rows, mb, out, logits)
             if ref is not None:
                 ref_logits, _ = self._forward(self.reference, mb)
-                ref[rows, :t] = token_logprobs(ref_logits, mb.targets.to(self.device)).cpu() * mb.target_mask
-        return Scored(old, ref)
+                ref[rows, :t] = token_logprobs(ref_logits, targets).cpu() * mb.target_mask
+        # under data parallelism each row was filled on exactly one rank and is zero on the others
+        return Scored(self._reduce_sum(old), self._reduce_sum(ref) if ref is not None else None)
+
+    def _micro_step(self, batch: TokenBatch, rows: list[int], scored: Scored, old_all: torch.Tensor | None, adv: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its token sums of loss, clip, kl, entropy [4]."""
+        cfg = self.cfg
+        mb = self._slice(batch, rows)
+        t = mb.input_ids.shape[1] - 1
+        mask = mb.target_mask.float().to(self.device)
+        logits, _ = self._forward(self.policy, mb)
+        logp = token_logprobs(logits, mb.targets.to(self.device))
+        ref = scored.ref_logp[rows, :t].to(self.device) if scored.ref_logp is not None else None
+        old = logp.detach() if old_all is None else old_all[rows, :t].to(self.device)
+        loss_tok, info = grpo_token_loss(logp, old, adv[rows].to(self.device), cfg.clip_low, cfg.clip_high, ref, cfg.kl_coef)
+        loss = (loss_tok * mask).sum() / n_tokens  # n_tokens: the whole mini-batch's, over all ranks
+        loss.backward()
+        with torch.no_grad():
+            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [b, t]
+            kl = float((info["kl"] * mask).sum()) if "kl" in info else 0.0
+            return torch.tensor([loss.item() * n_tokens, float((info["clipped"] * mask).sum()), kl, float((entropy * mask).sum())], dtype=torch.float64)
 
     def update(self, batch: TokenBatch, scored: Scored, adv: torch.Tensor, behaviour_logp: torch.Tensor | None = None) -> dict[str, float]:
         """Train stage: `mini_batches` AdamW steps over the rollout batch. Returns mean diagnostics."""
         cfg = self.cfg
         old_all = behaviour_logp if behaviour_logp is not None else scored.old_logp
         B = batch.input_ids.shape[0]
-        perm = torch.randperm(B, generator=torch.Generator().manual_seed(B)).tolist()
+        perm = torch.randperm(B, generator=torch.Generator().manual_seed(B)).tolist()  # same on every rank
         minis = [perm[i :: cfg.mini_batches] for i in range(cfg.mini_batches)]
-        totals: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "skipped": 0}
-        tokens_seen = trained = 0
+        sums = torch.zeros(4, dtype=torch.float64)  # this rank's token sums of loss, clip_frac, kl, entropy
+        grad_norm_sum = 0.0
+        tokens_seen = trained = skipped = 0
         self.policy.train()
         for mini in minis:
-            n_tokens = int(batch.target_mask[mini].sum())  # token-level mean over the whole mini-batch
-            # sequences with zero advantage add nothing to the loss or its gradient without a KL term
+            n_tokens = int(batch.target_mask[mini].sum())  # global: every rank holds the whole batch
             active = [r for r in mini if cfg.kl_coef > 0 or float(adv[r]) != 0.0]
             if n_tokens == 0 or not active:
-                continue
+                continue  # decided alike on every rank
             self.optimizer.zero_grad(set_to_none=True)
-            for rows in self._chunks(batch, active):
-                mb = self._slice(batch, rows)
-                t = mb.input_ids.shape[1] - 1
-                mask = mb.target_mask.float().to(self.device)
-                logits, _ = self._forward(self.policy, mb)
-                logp = token_logprobs(logits, mb.targets.to(self.device))
-                ref = scored.ref_logp[rows, :t].to(self.device) if scored.ref_logp is not None else None
-                old = logp.detach() if old_all is None else old_all[rows, :t].to(self.device)
-                loss_tok, info = grpo_token_loss(logp, old, adv[rows].to(self.device), cfg.clip_low, cfg.clip_high, ref, cfg.kl_coef)
-                loss = (loss_tok * mask).sum() / n_tokens
-                loss.backward()
-                with torch.no_grad():
-                    probs = logits.softmax(-1)
-                    entropy = -(probs * logits.log_softmax(-1)).sum(-1)
-                    totals["loss"] += loss.item() * n_tokens
-                    totals["clip_frac"] += float((info["clipped"] * mask).sum())
-                    totals["entropy"] += float((entropy * mask).sum())
-                    if "kl" in info:
-                        totals["kl"] += float((info["kl"] * mask).sum())
-            params = [p for p in self.policy.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
+            plan = self._plan(batch, active)
+            for i, rows in enumerate(plan):
+                with self._sync(last=i == len(plan) - 1):
+                    if rows:
+                        sums += self._micro_step(batch, rows, scored, old_all, adv, n_tokens)
+                    else:
+                        self._idle_pass(batch)
+            grad_norm = self._clip()
+            if not self._all_ranks(math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)  # never step on non-finite gradients
-                totals["skipped"] += 1
+                skipped += 1
             else:
                 self.optimizer.step()
-                totals["grad_norm"] += float(grad_norm) * n_tokens
+                grad_norm_sum += grad_norm * n_tokens
             tokens_seen += n_tokens
             trained += len(active)
         self.policy.eval()
+        sums = self._reduce_sum(sums)
         n = max(1, tokens_seen)
-        out = {k: v / n for k, v in totals.items() if k != "skipped"}
-        out["skipped_updates"] = totals["skipped"]
+        out = {k: float(v) / n for k, v in zip(("loss", "clip_frac", "kl", "entropy"), sums)}
+        out["grad_norm"] = grad_norm_sum / n
+        out["skipped_updates"] = skipped
         out["trained_frac"] = trained / max(1, B)
         if not math.isfinite(out["loss"]):
             out["loss"] = float("nan")

@@ -41,6 +41,10 @@ def _prepare_environment() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1":
+        # weights reach the engine-core process through collective_rpc(function), which vLLM only
+        # sends pickled when allowed (as its own RLHF examples do); the engine is ours, in our job
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
 def _quiet_vllm_logs() -> None:
@@ -54,8 +58,49 @@ def is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def _reload_policy(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
-    worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+def _materialize(weights: "list[tuple[str, torch.Tensor]] | str") -> list[tuple[str, torch.Tensor]]:
+    """Weights as (name, tensor) pairs: given directly (in-process engine core), or a safetensors
+    file written by `_WeightTransport` (engine core in another process)."""
+    if isinstance(weights, str):
+        from safetensors.torch import load_file
+
+        return list(load_file(weights).items())
+    return weights
+
+
+class _WeightTransport:
+    """How weights reach the workers. In process: the tensors themselves. With vLLM's engine core in
+    child processes (torchrun jobs), vLLM's RPC cannot carry tensors (msgspec refuses them and its
+    pickle fallback fails on their buffers), so they go through a safetensors file in shared memory
+    (/dev/shm when present): one copy in, memory-mapped out, on the engine's node."""
+
+    def __init__(self):
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        self.dir = None
+
+    def pack(self, items: list[tuple[str, torch.Tensor]]):
+        if self.in_process:
+            return items
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="codraft-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        path = os.path.join(self.dir, "weights.safetensors")
+        save_file({name: t.contiguous().cpu() for name, t in items}, path)
+        return path
+
+    def close(self) -> None:
+        if self.dir is not None:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+def _reload_policy(worker, weights) -> None:
+    worker.reload_weights(weights_iterator=iter(_materialize(weights)), is_checkpoint_format=True)
 
 
 def _draft_model(worker):
@@ -91,13 +136,14 @@ def _reload_drafter(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
     model = _draft_model(worker)
     with set_current_vllm_config(worker.vllm_config):
         initialize_layerwise_reload(model)
-        model.load_weights(iter(weights))
+        model.load_weights(iter(_materialize(weights)))
         finalize_layerwise_reload(model, worker.vllm_config.speculative_config.draft_model_config)
 
 
 class VLLMEngine(RolloutEngine):
     def __init__(self, cfg, policy_dir: Path, speculative: dict | None = None, target_overrides: dict | None = None):
         _prepare_environment()
+        self._transport = _WeightTransport()
         from vllm import LLM
 
         _quiet_vllm_logs()
@@ -190,7 +236,7 @@ class VLLMEngine(RolloutEngine):
 
     def load_policy_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         items = [(name, tensor.detach()) for name, tensor in weights]
-        self.llm.collective_rpc(_reload_policy, args=(items,))
+        self.llm.collective_rpc(_reload_policy, args=(self._transport.pack(items),))
         self.llm.reset_prefix_cache()
 
     def load_drafter_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -199,7 +245,7 @@ class VLLMEngine(RolloutEngine):
         shared = self.llm.collective_rpc(_shares_with_target, args=([n for n, _ in items],))[0]
         if shared:
             raise RuntimeError(f"the serving drafter shares {shared} with the target in this engine; swapping would overwrite the policy's weights")
-        self.llm.collective_rpc(_reload_drafter, args=(items,))
+        self.llm.collective_rpc(_reload_drafter, args=(self._transport.pack(items),))
         self.llm.reset_prefix_cache()
 
     def set_k_schedule(self, schedule: list[tuple[int, int, int]]) -> None:
@@ -226,6 +272,8 @@ class VLLMEngine(RolloutEngine):
         return [step[tok].logprob for step, tok in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
     def close(self) -> None:
+        if hasattr(self, "_transport"):
+            self._transport.close()
         llm = getattr(self, "llm", None)
         if llm is not None:
             try:
