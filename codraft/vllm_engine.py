@@ -29,7 +29,13 @@ class _DropExpectedWarnings(logging.Filter):
     the CPU worker declining to change torch threads it has bound.
     """
 
-    EXPECTED = ("Attempted to load weight", "RotaryEmbedding: Failed to load weights", "doesn't allow to use `torch.set_num_threads`")
+    EXPECTED = (
+        "Attempted to load weight",
+        "RotaryEmbedding: Failed to load weights",
+        "VocabParallelEmbedding: Failed to load weights",  # a drafter's embedding shared with the target
+        "doesn't allow to use `torch.set_num_threads`",
+    )
+    LOGGERS = ("vllm.model_executor.models.utils", "vllm.model_executor.model_loader.reload.layerwise", "vllm.platforms.cpu", "vllm.v1.worker.cpu_worker")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -47,9 +53,18 @@ def _prepare_environment() -> None:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
+_DROP = _DropExpectedWarnings()
+
+
 def _quiet_vllm_logs() -> None:
+    drop = _DROP
     for handler in logging.getLogger("vllm").handlers:
-        handler.addFilter(_DropExpectedWarnings())
+        if drop not in handler.filters:
+            handler.addFilter(drop)
+    for name in _DropExpectedWarnings.LOGGERS:  # logger filters also hold when vLLM re-creates its handlers
+        logger = logging.getLogger(name)
+        if drop not in logger.filters:
+            logger.addFilter(drop)
 
 
 def is_cpu_platform() -> bool:
