@@ -2,7 +2,7 @@
 
 `RUN_DIR/checkpoint/` (replaced atomically, so a kill leaves the previous one intact) holds:
     state.json     the last completed step and what wrote it
-    trainer.pt     policy weights (fp32) and AdamW state
+    trainer.pt     policy weights (fp32), AdamW state, and the torch / Python RNG states
     controller.pt  serving drafter weights, refresh-policy state, cost model, distillation buffer
                    and held-out rollouts, drafter version and refresh log, k schedule
 What is not saved, because it is rebuilt exactly: the frozen reference (the initial policy,
@@ -16,6 +16,7 @@ checkpoint that had already been logged are recomputed and logged once.
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,11 +36,21 @@ def save(run: "Run", step: int) -> None:
     if not run.is_main:
         return
     with atomic_dir(run.dir / "checkpoint") as tmp:
-        torch.save({"policy": run.trainer.policy.state_dict(), "optimizer": run.trainer.optimizer.state_dict()}, tmp / "trainer.pt")
+        torch.save({"policy": run.trainer.policy.state_dict(), "optimizer": run.trainer.optimizer.state_dict(), "rng": rng_state()}, tmp / "trainer.pt")
         controller_state = run.controller.state_dict()
         if controller_state:
             torch.save(controller_state, tmp / "controller.pt")
         (tmp / "state.json").write_text(json.dumps({"version": CHECKPOINT_VERSION, "step": step, "saved_at": time.time()}))
+
+
+def rng_state() -> dict[str, Any]:
+    """The process-wide random states a step draws from (distillation batches, dropout, Python's random)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
 
 
 def last_step(run_dir: Path) -> int:
@@ -59,6 +70,8 @@ def load(run: "Run") -> int:
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
     run.trainer.policy.load_state_dict(trainer["policy"])
     run.trainer.optimizer.load_state_dict(trainer["optimizer"])
+    if "rng" in trainer:
+        set_rng_state(trainer["rng"])
     if run.is_main and (ckpt / "controller.pt").is_file():
         run.controller.load_state_dict(torch.load(ckpt / "controller.pt", map_location="cpu", weights_only=False))
     if run.is_main:
