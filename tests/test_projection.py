@@ -7,24 +7,19 @@ import re
 import numpy as np
 import pytest
 
-from analysis.projection import (
+from analysis.projection import PAPER, RL_ZERO_8B, ProjectArgs, calibrate, main, rel_error
+from analysis.roofline import (
     DEVICES,
     MODELS,
-    PAPER,
-    RL_ZERO_8B,
     Deployment,
     Efficiency,
-    ProjectArgs,
     RolloutShape,
     Speculation,
     Workload,
     alpha_for_accept_len,
-    calibrate,
     completion_lengths,
     forward_step,
     generation_seconds,
-    main,
-    rel_error,
     running_profile,
     tokens_per_verify,
 )
@@ -155,10 +150,10 @@ def test_speculative_figures_are_predicted_with_their_error(calibration):
 
 
 def test_every_config_field_is_documented():
-    from analysis import projection
+    from analysis import projection, roofline
 
-    for cls in (projection.Device, projection.ModelSpec, Speculation, Efficiency, RolloutShape, Deployment,
-                Workload, projection.StageTimes, projection.PaperAnchor, projection.Calibration, ProjectArgs):
+    for cls in (roofline.Device, roofline.ModelSpec, Speculation, Efficiency, RolloutShape, Deployment,
+                Workload, roofline.StageTimes, projection.PaperAnchor, projection.Calibration, ProjectArgs):
         undocumented = [name for name, _, _, doc in section_fields(cls) if not doc.strip()]
         assert not undocumented, f"{cls.__name__}: {undocumented}"
 

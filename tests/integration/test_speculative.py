@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 import torch
 
-from codraft.config import DrafterConfig
 from codraft.lossless import biased_eagle3, check_lossless
 
 pytestmark = pytest.mark.integration

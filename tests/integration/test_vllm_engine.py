@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from codraft.batch import make_batch, token_logprobs
+from codraft.batch import token_logprobs
 from codraft.config import load_config
 
 pytestmark = pytest.mark.integration
