@@ -37,9 +37,14 @@ def cache_root(model_cfg: ModelConfig) -> Path:
     return Path(root)
 
 
+# task settings that only shape RL (rewards, when and how much of the mixture task enters
+# training), not the tokenizer or the supervised warm start
+RL_ONLY_TASK_FIELDS = ("mix_share", "mix_start", "mix_ramp", "answer_reward", "format_reward")
+
+
 def testbed_key(model_cfg: ModelConfig, task_cfg: TaskConfig) -> str:
     shape = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("path", "cache_dir")}
-    task = dataclasses.asdict(task_cfg)
+    task = {k: v for k, v in dataclasses.asdict(task_cfg).items() if k not in RL_ONLY_TASK_FIELDS}
     for name in ("path", "eval_path"):
         if task[name]:
             stat = Path(task[name]).stat()
