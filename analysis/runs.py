@@ -151,12 +151,13 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def varying_keys(runs: Iterable[RunData], ignore: tuple[str, ...] = ("output.",)) -> list[str]:
-    """Config keys whose value differs between `runs` (keys starting with `ignore` left out)."""
+    """Config keys whose value differs between the runs that have them (keys starting with `ignore`
+    left out; a key only some runs' configs hold, e.g. one added by a newer codraft, is not a difference)."""
     flats = [flat_config(r.config) for r in runs]
     keys: list[str] = []
     for flat in flats:
         keys += [k for k in flat if k not in keys]
-    return [k for k in keys if not k.startswith(ignore) and len({repr(f.get(k)) for f in flats}) > 1]
+    return [k for k in keys if not k.startswith(ignore) and len({repr(f[k]) for f in flats if k in f}) > 1]
 
 
 SHORT_NAMES = {"num_speculative_tokens": "k", "policy": "policy", "kind": "kind"}

@@ -140,6 +140,10 @@ def test_unfinished_and_plain_runs(tmp_path):
     assert plain.accept_total.drafts == 0 and math.isnan(plain.accept_len_mean) and plain.swaps == 0
     assert find_run_dirs(tmp_path) == [tmp_path / "a", tmp_path / "b"]
     assert varying_keys([load_run(tmp_path / "a"), load_run(tmp_path / "b")]) == ["drafter.kind"]
+    # a section only one run's config holds (written by a newer codraft) is not a difference
+    newer = tmp_path / "b" / "config.toml"
+    newer.write_text(newer.read_text() + '\n[lora]\nrank = 0\n')
+    assert varying_keys([load_run(tmp_path / "a"), load_run(tmp_path / "b")]) == ["drafter.kind"]
 
 
 # ---------------------------------------------------------------------------------- sweep grid
