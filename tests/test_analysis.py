@@ -367,3 +367,14 @@ def test_report_renders_in_headless_chromium(sweep_dir, bench_json, tmp_path):
            "--window-size=1280,2000", f"file://{report.resolve()}"]
     subprocess.run(cmd, capture_output=True, timeout=180)
     assert_png(shot, min_bytes=20000)
+
+
+def test_compare_rewards_statistics():
+    from analysis.compare_rewards import compare
+
+    a = [0.1, 0.3, 0.2, 0.5, 0.4, 0.6, 0.35, 0.45]
+    same = compare(a, list(a))
+    assert same["mean_diff"] == 0 and same["wilcoxon_p"] == 1.0
+    shifted = compare(a, [x + 0.2 + 0.01 * i for i, x in enumerate(a)])  # every step higher
+    assert shifted["mean_diff"] == pytest.approx(0.235) and shifted["wilcoxon_p"] < 0.05
+    assert shifted["ci_low"] > 0
