@@ -79,6 +79,7 @@ class Controller:
         self.steps_since_refresh = 0
         self.last_distill_s = math.nan
         self.last_swap_s = math.nan
+        self._last_batch: tuple[tuple[int, ...], float] | None = None
 
     # ------------------------------------------------------------------ logprob stage
     def on_policy_forward(self, batch, gen) -> Callable:
@@ -115,6 +116,7 @@ class Controller:
         a_now = alpha_from_accept_len(acc.accept_len, self.k) if acc.drafts else math.nan
         if acc.drafts:
             self.cost.observe(lengths, a_now, tuple(self.k_schedule), timer.seconds.get("gen", 0.0), True)
+            self._last_batch = (lengths, a_now)
         obs = Observation(
             step=step, drafts=acc.drafts, draft_tokens=acc.draft_tokens, accepted=acc.accepted, k=self.k,
             alpha_serving=sum(alpha.greedy) / len(alpha.greedy) if alpha else math.nan,
@@ -251,10 +253,17 @@ class Controller:
         self.holdout = state["holdout"]
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "drafter refreshes (swapped / refused)": f"{self.log.refreshes} / {self.log.refused}",
             "distill + swap seconds": f"{self.log.distill_s:.1f} + {self.log.swap_s:.1f}",
         }
+        last = getattr(self, "_last_batch", None)
+        if last is not None:  # the cost model's estimate, not a measurement (analysis/bench_rollout.py measures)
+            lengths, alpha = last
+            plain = self.cost.predict_gen_s(lengths, alpha, 0)
+            spec = self.cost.predict_gen_s(lengths, alpha, tuple(self.k_schedule))
+            out["gen speedup vs no speculation (cost-model estimate, last step)"] = f"{plain / spec:.2f}x"
+        return out
 
     def close(self) -> None:
         pass

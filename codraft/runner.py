@@ -381,6 +381,12 @@ def summary_rows(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         first = sum(r["reward/mean"] for r in steps[:k]) / k
         last = sum(r["reward/mean"] for r in steps[-k:]) / k
         rows.append((f"reward (mean of first / last {k} steps)", f"{first:.3f} -> {last:.3f}"))
+        spec = [r for r in steps if r.get("spec/drafts")]
+        if spec:  # acceptance length from summed counts
+            def accept_len(rs):
+                return 1 + sum(r["spec/accepted"] for r in rs) / sum(r["spec/drafts"] for r in rs)
+
+            rows.append(("acceptance length first / mean / last", f"{accept_len(spec[:1]):.2f} / {accept_len(spec):.2f} / {accept_len(spec[-1:]):.2f}"))
         total = sum(r["time/step_s"] for r in steps)
         rows.append(("step time mean (s)", f"{total / len(steps):.2f}"))
         for stage, share in stage_shares(steps).items():

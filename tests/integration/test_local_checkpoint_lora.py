@@ -52,6 +52,14 @@ def test_two_grpo_steps_on_the_local_checkpoint_with_eagle3(run, checkpoint_dir)
     assert (r.dir / "drafter" / "model.safetensors").is_file()
     saved = load_file(r.dir / "policy" / "model.safetensors")
     assert not any(".lora_" in k or "base_layer" in k for k in saved)
+    # the closing summary: acceptance first / mean / last, refreshes, and the cost model's speedup estimate
+    from codraft.runner import summary_rows
+
+    rows = dict(summary_rows(records)) | r.controller.summary()
+    first, mean, last = (float(x) for x in rows["acceptance length first / mean / last"].split(" / "))
+    assert first == pytest.approx(steps[0]["spec/accept_len"], abs=0.005) and last == pytest.approx(steps[-1]["spec/accept_len"], abs=0.005)
+    assert min(first, last) - 0.005 <= mean <= max(first, last) + 0.005
+    assert rows["gen speedup vs no speculation (cost-model estimate, last step)"].endswith("x")
 
 
 def test_lora_changes_only_adapter_weights(run, checkpoint_dir):
