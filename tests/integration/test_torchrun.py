@@ -3,17 +3,24 @@
 Both runs use the plain-PyTorch rollout engine (the engine lives on the main rank either way, so
 the rollouts of step 0 are the same) and no drafter; the 2-rank job splits each step's batch over
 its ranks. Compared: step 0's rewards exactly, its loss to 1e-5 relative, and the final policy
-weights to 1e-5 absolute (fp32, sums of per-rank gradients against one process's sum)."""
+weights (fp32; sums of per-rank gradients against one process's sum, so they differ by rounding).
+Adam divides each gradient by its running scale, which turns rounding into visible differences for
+the rare weights whose gradient is near zero: the bound is 1e-8 on the mean absolute difference
+(seen: 4e-10) and 2% of Adam's largest move, lr x steps = 2e-3, on the worst weight (seen: 1.1e-5;
+6 of 661,632 weights differed by more than 1e-6)."""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from codraft.io import read_jsonl
 
 pytestmark = pytest.mark.integration
+
+LR, STEPS = 1e-3, 2  # STEPS: run.steps in tiny_overrides
 
 
 def codraft_run(out, overrides, ranks):
@@ -29,7 +36,7 @@ def codraft_run(out, overrides, ranks):
 @pytest.fixture(scope="module")
 def runs(tiny_overrides, tiny_policy_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("torchrun")
-    overrides = tiny_overrides + ["drafter.kind=none", "rollout.backend=reference", "grpo.autocast_bf16=false", "grpo.lr=1e-3", "run.threads=1"]
+    overrides = tiny_overrides + ["drafter.kind=none", "rollout.backend=reference", "grpo.autocast_bf16=false", f"grpo.lr={LR}", "run.threads=1"]
     return {ranks: (codraft_run(base / f"ranks{ranks}", overrides, ranks), base / f"ranks{ranks}") for ranks in (1, 2)}
 
 
@@ -41,8 +48,10 @@ def test_two_ranks_take_the_same_step_as_one_process(runs, tiny_policy_dir):
     assert two[0]["train/trained_frac"] == one[0]["train/trained_frac"]
     w1, w2 = load_file(one_dir / "policy" / "model.safetensors"), load_file(two_dir / "policy" / "model.safetensors")
     assert w1.keys() == w2.keys()
-    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert worst < 1e-5, worst
+    diffs = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    worst, mean = diffs.max().item(), diffs.mean().item()
+    assert mean < 1e-8, mean
+    assert worst < 0.02 * LR * STEPS, worst
     initial = load_file(tiny_policy_dir / "model.safetensors")
     moved = max((w1[k] - initial[k].float()).abs().max().item() for k in w1)
-    assert moved > 100 * worst  # the runs trained: the agreement is not that of two untouched copies
+    assert moved > 0.5 * LR * STEPS  # the runs trained: the agreement is not that of two untouched copies
