@@ -175,7 +175,8 @@ class GRPOConfig:
     behavior_logprobs: Literal["recompute", "engine"] = "recompute"
     """Log-probs of the generating policy: recomputed by the trainer in fp32, or the engine's."""
     autocast_bf16: bool = True
-    """Train and score under bf16 autocast (CPU and GPU); master weights stay fp32."""
+    """Train and score under bf16 autocast where the device runs bf16 natively (GPUs; CPUs with AMX,
+    AVX512-BF16 or Arm BF16), fp32 elsewhere, where emulated bf16 is slower; master weights stay fp32."""
 
 
 @dataclass(frozen=True)

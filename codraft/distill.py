@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from codraft import precision
 from codraft.drafter import Drafter, Features, TargetParts
 
 TEACHER_DTYPE = torch.bfloat16
@@ -211,8 +212,8 @@ def teacher_forced_alpha(drafter: Drafter, examples: list[DistillExample], targe
 
 
 def _autocast(device: torch.device, enabled: bool):
-    """bf16 autocast for the drafter's matmuls (losses are computed in fp32 outside it)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast for the drafter's matmuls where the device runs bf16 natively (losses are fp32 outside it)."""
+    return precision.autocast(device, enabled)
 
 
 @dataclass

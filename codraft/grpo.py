@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from codraft import precision
 from codraft.batch import TokenBatch, micro_batches, token_logprobs
 from codraft.config import GRPOConfig
 
@@ -79,7 +80,7 @@ class GRPOTrainer:
         self.device = next(policy.parameters()).device
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16)
+        return precision.autocast(self.device, self.cfg.autocast_bf16)
 
     def _forward(self, model: torch.nn.Module, batch: TokenBatch, hidden: bool = False):
         with self._autocast():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from codraft import precision
 from codraft.batch import make_batch, token_logprobs
 from codraft.config import Config, ModelConfig, TaskConfig
 from codraft.io import atomic_dir
@@ -49,7 +50,9 @@ def testbed_key(model_cfg: ModelConfig, task_cfg: TaskConfig) -> str:
         if task[name]:
             stat = Path(task[name]).stat()
             task[name] = [str(Path(task[name]).resolve()), stat.st_size, stat.st_mtime_ns]
-    blob = json.dumps({"v": TESTBED_VERSION, "model": shape, "task": task}, sort_keys=True)
+    # the warm start's matmul precision depends on the CPU (codraft.precision): a testbed built in
+    # bf16 on one machine is not the one fp32 builds on another
+    blob = json.dumps({"v": TESTBED_VERSION, "model": shape, "task": task, "sft": precision.compute_dtype("cpu")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -121,7 +124,7 @@ def supervised_warm_start(model, data: list[tuple[list[int], list[int]]], pad_id
             rng.shuffle(queue)
         chunk = queue.pop()
         batch = make_batch([p for p, _ in chunk], [c for _, c in chunk], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with precision.autocast("cpu"):
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         logp = token_logprobs(logits, batch.targets)
         mask = batch.target_mask.float()
@@ -163,6 +166,7 @@ def build_testbed(cfg: Config, task: Task, out: Path) -> dict:
         "sft_examples": len(data),
         "sft_loss_first": losses[0] if losses else None,
         "sft_loss_last": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "sft_precision": precision.compute_dtype("cpu"),
         "build_seconds": round(time.time() - t0, 1),
     }
     (out / "testbed.json").write_text(json.dumps(facts, indent=2))
