@@ -8,7 +8,11 @@ rollouts differ one by one. What must agree is the distribution. The test pairs 
 mean rewards step by step:
 - a Wilcoxon signed-rank test on the per-step differences (two-sided);
 - the mean difference with a 95% t-interval.
-The statement is "no detectable difference at the 5% level", not proof of equality. The exact,
+The statement is "no detectable difference at the 5% level", not proof of equality. Only step 0
+compares samples of one policy: from then on each run follows its own trajectory, so a policy that
+drifted a little worse stays worse for many steps and the per-step differences are not
+independent. The test then rejects more often than 5% even when both samplers are exact: read a
+rejection as "look closer" (more seeds, `codraft check-lossless`), not as proof of bias. The exact,
 token-level check is `codraft check-lossless` (chi-square per position).
 """
 from __future__ import annotations
@@ -57,6 +61,7 @@ def cmd_compare(args: CompareArgs) -> int:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     runs = [load_run(args.a), load_run(args.b)]
     keys = varying_keys(runs)
@@ -71,6 +76,7 @@ def cmd_compare(args: CompareArgs) -> int:
     for run, (steps, ys) in zip(runs, curves):
         ax.plot(steps, ys, marker=".", label=run_label(run, keys))
     ax.set_xlabel("GRPO step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(args.key)
     verdict = "no detectable difference" if stats["wilcoxon_p"] >= ALPHA else "DIFFERENT"
     ax.set_title(f"{args.key}: paired Wilcoxon p = {stats['wilcoxon_p']:.2f} over {stats['steps']} steps ({verdict} at {ALPHA:.0%})")

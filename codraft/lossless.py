@@ -2,10 +2,11 @@
 
 From the same prompts at temperature 1, sample many completions with a plain engine and with a
 speculating engine, then test per position that the two samples come from one distribution
-(chi-square test of homogeneity, scipy.stats.chi2_contingency) on
-    - the token at position t, jointly with the prompt (categories (prompt, token)), t = 0..P-1;
+(chi-square test of homogeneity, scipy.stats.chi2_contingency, stratified by prompt: one
+table per prompt, statistics and degrees of freedom summed) on
+    - the token at position t (categories (prompt, token)), t = 0..P-1;
     - the first m tokens as one category (prompt, t_0..t_{m-1}), m = 2, 3.
-Rare categories (fewer than `min_count` in both samples together) are pooled into one. The check
+Rare categories (fewer than `min_count` in both samples together) are pooled per prompt. The check
 fails if any p-value is below alpha / (number of tests) (Bonferroni), at a fixed seed.
 
 It catches both a wrong sampler and a wrong engine: with vLLM's CPU rejection-sampler kernel left
@@ -42,21 +43,37 @@ class LosslessReport:
 
 
 def homogeneity(a: Counter, b: Counter, min_count: int = 10) -> tuple[int, float, float]:
-    """Chi-square test that two samples of categories share one distribution: (categories, stat, p)."""
-    from scipy.stats import chi2_contingency
+    """Chi-square test that two samples of categories share one distribution: (categories, stat, p).
 
-    keys = sorted(set(a) | set(b), key=repr)
-    common = [k for k in keys if a[k] + b[k] >= min_count]
-    rare_a = sum(a[k] for k in keys if k not in common)
-    rare_b = sum(b[k] for k in keys if k not in common)
-    table = [[a[k] for k in common], [b[k] for k in common]]
-    if rare_a + rare_b >= min_count:
-        table[0].append(rare_a)
-        table[1].append(rare_b)
-    if len(table[0]) < 2:
-        return len(table[0]), 0.0, 1.0
-    result = chi2_contingency(table)
-    return len(table[0]), float(result.statistic), float(result.pvalue)
+    Categories written `(stratum, value)` (here: prompt index, token) are tested per stratum and the
+    statistics and degrees of freedom add up. Both arms draw the same number of completions per
+    prompt, so one test over the joint categories would count degrees of freedom that carry no
+    variance: its p-values come out too large and it would miss real differences. Within a
+    stratum, categories seen fewer than `min_count` times in both samples together are pooled.
+    """
+    from scipy.stats import chi2, chi2_contingency
+
+    strata: dict[object, list] = {}
+    for key in set(a) | set(b):
+        stratum = key[0] if isinstance(key, tuple) and len(key) == 2 else None
+        strata.setdefault(stratum, []).append(key)
+    categories, stat, dof = 0, 0.0, 0
+    for keys in strata.values():
+        keys.sort(key=repr)
+        common = [k for k in keys if a[k] + b[k] >= min_count]
+        table = [[a[k] for k in common], [b[k] for k in common]]
+        rare_a, rare_b = sum(a[k] for k in keys if k not in common), sum(b[k] for k in keys if k not in common)
+        if rare_a + rare_b >= min_count:
+            table[0].append(rare_a)
+            table[1].append(rare_b)
+        categories += len(table[0])
+        if len(table[0]) < 2 or not sum(table[0]) or not sum(table[1]):
+            continue
+        result = chi2_contingency(table, correction=False)
+        stat, dof = stat + float(result.statistic), dof + int(result.dof)
+    if not dof:
+        return categories, 0.0, 1.0
+    return categories, stat, float(chi2.sf(stat, dof))
 
 
 def _samples(engine: RolloutEngine, prompts: list[list[int]], n: int, tokens: int, seed: int):

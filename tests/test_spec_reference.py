@@ -91,6 +91,29 @@ def test_homogeneity_separates_distributions():
     assert homogeneity(a, c)[2] < 1e-6
 
 
+def test_stratified_homogeneity_is_calibrated_and_sees_a_small_shift():
+    """Per-prompt sample sizes fixed as in check-lossless: under the null the p-values are uniform
+    (Kolmogorov-Smirnov against U(0, 1) at the 1% level, 200 seeded repetitions); a shift of total
+    variation about 0.08 in every prompt is found."""
+    from collections import Counter
+
+    from scipy.stats import kstest
+
+    g = torch.Generator().manual_seed(0)
+    dists = [torch.softmax(torch.randn(12, generator=g), -1) for _ in range(8)]
+
+    def draw(shift: float = 0.0) -> Counter:
+        out = Counter()
+        for i, p in enumerate(dists):
+            p = torch.softmax(p.log() + torch.linspace(0, shift, len(p)), -1)
+            out.update((i, t) for t in torch.multinomial(p, 256, True, generator=g).tolist())
+        return out
+
+    null = [homogeneity(draw(), draw())[2] for _ in range(200)]
+    assert kstest(null, "uniform").pvalue > 0.01
+    assert homogeneity(draw(), draw(shift=0.5))[2] < 1e-3
+
+
 def test_accept_len_stderr_matches_the_closed_form():
     from codraft.acceptance import AcceptanceStats
 
