@@ -195,7 +195,7 @@ def teacher_forced_alpha(drafter: Drafter, examples: list[DistillExample], targe
     device = next(drafter.parameters()).device
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], vocab, device)
-        with _autocast(device, autocast):
+        with precision.autocast(device, autocast):
             outs = drafter.unroll(batch.feats, target, steps)
         for j, (logits, shift) in enumerate(outs):
             q_logits, p_logp, _, _ = aligned(logits, shift, batch)
@@ -209,11 +209,6 @@ def teacher_forced_alpha(drafter: Drafter, examples: list[DistillExample], targe
     if len(outs) == 1:  # single-pass drafter: one figure for every step
         sums_prob, sums_greedy, counts = [sums_prob[0]] * steps, [sums_greedy[0]] * steps, [counts[0]] * steps
     return Alpha([s / max(1, c) for s, c in zip(sums_prob, counts)], [s / max(1, c) for s, c in zip(sums_greedy, counts)], counts[0])
-
-
-def _autocast(device: torch.device, enabled: bool):
-    """bf16 autocast for the drafter's matmuls where the device runs bf16 natively (losses are fp32 outside it)."""
-    return precision.autocast(device, enabled)
 
 
 @dataclass
@@ -257,7 +252,7 @@ def distill(
     seen = 0
     for step in range(steps):
         batch = collate(rng.sample(examples, min(batch_size, len(examples))), vocab, device)
-        with _autocast(device, autocast):
+        with precision.autocast(device, autocast):
             outs = drafter.unroll(batch.feats, target, k)
         total, count = 0.0, 0
         for logits, shift in outs:
