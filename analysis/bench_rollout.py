@@ -103,7 +103,7 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from codraft.config import load_config
+    from codraft.configfile import load_config
     from codraft.costmodel import CostModel, alpha_from_accept_len
     from codraft.testbed import policy_source
     from codraft.vllm_engine import VLLMEngine

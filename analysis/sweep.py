@@ -16,7 +16,7 @@ A grid file is TOML. Keys are config keys, quoted or written as nested tables:
     "drafter.num_speculative_tokens" = [3]
     "run.seed" = [0, 1, 2]
 
-Every combination's config is validated (`codraft.config.load_config`, then the refresh policy and
+Every combination's config is validated (`codraft.configfile.load_config`, then the refresh policy and
 drafter kind names) before the first run starts. Each combination runs as
 `python -m codraft run --preset P --set key=value ... --out <sweep>/<name>` in a subprocess, one
 after the other; names read like `policy-never__kind-eagle3__k-3__seed-0`. The sweep resumes: a
@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from analysis.runs import Spread, column_title, fmt, group_rows, is_finished, load_run, short_key, summarize, summary_row
-from codraft.config import ConfigError, load_config
+from codraft.config import ConfigError
+from codraft.configfile import load_config
 from codraft.io import atomic_write_text
 
 SEED_KEY = "run.seed"

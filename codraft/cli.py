@@ -14,7 +14,8 @@ from typing import Annotated, Any, Callable
 
 import tyro
 
-from codraft.config import ConfigError, load_config, section_fields
+from codraft.config import ConfigError
+from codraft.configfile import load_config, section_fields
 from codraft.registry import UnknownNameError
 
 Overrides = Annotated[list[str], tyro.conf.UseAppendAction, tyro.conf.arg(metavar="SECTION.KEY=VALUE")]
@@ -47,7 +48,7 @@ RESUMABLE_OVERRIDES = ("run.steps", "output.progress", "output.tensorboard")
 
 
 def resume_config(args: RunArgs):
-    from codraft.config import config_from_toml, load_config
+    from codraft.configfile import config_from_toml, load_config
 
     if not (args.resume / "config.toml").is_file():
         raise FileNotFoundError(f"--resume {args.resume}: no run there (config.toml missing)")
@@ -101,7 +102,8 @@ class ShowConfigArgs(ConfigArgs):
 def cmd_config(args: ShowConfigArgs) -> int:
     import tomli_w
 
-    from codraft.config import Config, to_dict
+    from codraft.config import Config
+    from codraft.configfile import to_dict
 
     if args.fields:
         for section in dataclasses.fields(Config):

@@ -22,7 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from codraft.config import ConfigError, from_dict, section_fields
+from codraft.config import ConfigError
+from codraft.configfile import from_dict, section_fields
 from codraft.registry import Registry
 
 

@@ -21,7 +21,8 @@ import torch
 
 from codraft import checkpoint
 from codraft.batch import TokenBatch
-from codraft.config import Config, ConfigError, write_config
+from codraft.config import Config, ConfigError
+from codraft.configfile import write_config
 from codraft.distributed import DistributedTrainer, barrier, broadcast_object, full_state_dict, init_from_env, is_fsdp, prepare_engine_environment, unwrap, wrap_policy
 from codraft.drafter import TargetParts, target_parts
 from codraft.engine import Generation, Sampling, make_engine

@@ -209,7 +209,7 @@ def policy_source(cfg: Config, task: Task | None = None, log=print) -> Path:
 if __name__ == "__main__":
     import argparse
 
-    from codraft.config import load_config
+    from codraft.configfile import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default")

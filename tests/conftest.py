@@ -38,7 +38,7 @@ def tiny_overrides():
 
 @pytest.fixture(scope="session")
 def tiny_cfg(tiny_overrides):
-    from codraft.config import load_config
+    from codraft.configfile import load_config
 
     return load_config("smoke", overrides=tiny_overrides)
 

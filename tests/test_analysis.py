@@ -19,7 +19,8 @@ from analysis import plots
 from analysis.report import build_report, is_sweep_dir
 from analysis.runs import accept_len_series, decision_steps, find_run_dirs, is_finished, load_run, summarize, varying_keys
 from analysis.sweep import Grid, expand, parse_grid, read_grid, run_command, run_sweep
-from codraft.config import ConfigError, load_config, write_config
+from codraft.config import ConfigError
+from codraft.configfile import load_config, write_config
 from codraft.io import append_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -84,7 +84,7 @@ def test_resume_of_a_directory_without_a_run(tmp_path, capsys):
 
 
 def test_resume_refuses_config_changes(existing_run, capsys):
-    from codraft.config import load_config, write_config
+    from codraft.configfile import load_config, write_config
 
     write_config(load_config("smoke"), existing_run / "config.toml")
     before = snapshot(existing_run)
@@ -165,7 +165,7 @@ def test_non_finite_distillation_loss_and_weights_never_reach_the_engine(tmp_pat
 
 
 def test_drafter_checkpoint_of_another_kind(tmp_path):
-    from codraft.config import load_config
+    from codraft.configfile import load_config
     from codraft.drafter import DRAFTERS, DrafterMismatch
     from codraft.warmstart import initial_drafter
     from tests_helpers import tiny_policy

@@ -1,7 +1,8 @@
 """Config: presets load, overrides apply, bad keys and types fail with the key named."""
 import pytest
 
-from codraft.config import Config, ConfigError, config_from_toml, load_config, preset_names, to_dict, write_config
+from codraft.config import Config, ConfigError
+from codraft.configfile import config_from_toml, load_config, preset_names, to_dict, write_config
 
 
 def test_presets_resolve():

@@ -23,7 +23,7 @@ from analysis.roofline import (
     running_profile,
     tokens_per_verify,
 )
-from codraft.config import section_fields
+from codraft.configfile import section_fields
 
 IDEAL = Efficiency(hbm=1.0, decode_compute=1.0)
 SMALL = Workload(shape=RolloutShape(prompts=64, group_size=8, mean_response=1000.0, max_response=4096),

@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import pytest
 import tomli_w
 
-from codraft.config import ConfigError, from_dict, load_config, section_fields, to_dict
+from codraft.config import ConfigError
+from codraft.configfile import from_dict, load_config, section_fields, to_dict
 from codraft.costmodel import CostModel, KSchedule, k_at, tokens_per_verify
 from codraft.refresh import REFRESH_POLICIES, Decision, Observation, RefreshPolicy, make_refresh_policy
 from codraft.registry import UnknownNameError

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def run(tiny_overrides, tmp_path_factory):
-    from codraft.config import load_config
+    from codraft.configfile import load_config
     from codraft.runner import Run
 
     out = tmp_path_factory.mktemp("cotrain")

@@ -26,7 +26,7 @@ def checkpoint_dir(tiny_policy_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tiny_overrides, checkpoint_dir, tmp_path_factory):
-    from codraft.config import load_config
+    from codraft.configfile import load_config
     from codraft.runner import Run
 
     out = tmp_path_factory.mktemp("lora-run")

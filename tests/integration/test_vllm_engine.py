@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from codraft.batch import token_logprobs
-from codraft.config import load_config
+from codraft.configfile import load_config
 
 pytestmark = pytest.mark.integration
 
