@@ -225,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import tyro
 
+    if argv is None:
+        from codraft.openmp import reexec_with_intel_openmp
+
+        reexec_with_intel_openmp()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     args = tyro.cli(BenchArgs, args=sys.argv[1:] if argv is None else argv, prog="python -m analysis.bench_rollout")
     results = [bench_target(name, args) for name in args.targets]

@@ -138,6 +138,10 @@ def _load_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `codraft` command itself, not a call from Python
+        from codraft.openmp import reexec_with_intel_openmp
+
+        reexec_with_intel_openmp()
     _load_commands()
     argv = sys.argv[1:] if argv is None else argv
     subcommands = {name: Annotated[args_type, tyro.conf.subcommand(name, description=(args_type.__doc__ or "").strip())] for name, (args_type, _) in COMMANDS.items()}
