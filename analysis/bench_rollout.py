@@ -49,6 +49,9 @@ class BenchArgs:
     """Where the measurements are written (JSON)."""
     preset: str = "default"
     """Config preset the targets start from."""
+    refit: Path | None = None
+    """Time nothing: recompute the cost model's predictions for a saved benchmark JSON (e.g. after
+    changing `codraft/costmodel.py`) and print its tables."""
 
 
 @dataclass
@@ -152,11 +155,6 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
                 alphas.append(alpha)
                 model.observe([len(c.token_ids) for c in gen.completions], alpha, k, secs, True)
                 log(f"[{name}] {kind} k={k} b={b}: accept {cell.accept_len:.2f}, c {cell.c_ratio:.2f}, speedup {cell.speedup:.2f}x")
-        for cell in result.cells:
-            if cell.kind == kind:  # prediction from the calibrated model and the measured acceptance
-                lengths = [args.tokens] * cell.batch
-                a = alpha_from_accept_len(cell.accept_len, cell.k)
-                cell.predicted = model.predict_gen_s(lengths, float("nan"), 0) / model.predict_gen_s(lengths, a, cell.k)
         alpha = statistics.median(a for a in alphas if a == a)
         fixed = max(k for k in args.ks if k <= 3)
         engine.set_k_schedule([(1, kcfg.rollout.max_num_seqs, fixed)])
@@ -170,8 +168,32 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
             "accept_fixed": g_fixed.acceptance.accept_len, "accept_auto": g_auto.acceptance.accept_len if g_auto.acceptance.drafts else float("nan"),
         }
         engine.close()
-    result.grpo["cost_model"] = dataclasses.asdict(model.costs)
+    predict_cells(result)
     return result
+
+
+def predict_cells(result: TargetResult) -> None:
+    """Calibrate a cost model on all of a target's cells (each sequence runs the full token budget,
+    so a cell's lengths are tokens / batch) and set every speculative cell's predicted speedup from
+    its measured acceptance."""
+    from codraft.costmodel import CostModel, alpha_from_accept_len
+
+    model = CostModel()
+    for c in result.cells:
+        lengths = [round(c.tokens / c.batch)] * c.batch
+        model.observe(lengths, alpha_from_accept_len(c.accept_len, c.k) if c.k else float("nan"), c.k, c.seconds, c.kind != "none")
+    for c in result.cells:
+        if c.kind != "none":
+            lengths = [round(c.tokens / c.batch)] * c.batch
+            a = alpha_from_accept_len(c.accept_len, c.k)
+            c.predicted = model.predict_gen_s(lengths, float("nan"), 0) / model.predict_gen_s(lengths, a, c.k)
+    result.grpo["cost_model"] = dataclasses.asdict(model.costs)
+
+
+def load_results(path: Path) -> list[TargetResult]:
+    """A benchmark JSON as written by `main`, back as `TargetResult`s."""
+    data = json.loads(path.read_text())
+    return [TargetResult(t["name"], t["parameters"], [Cell(**c) for c in t["cells"]], t.get("grpo", {})) for t in data]
 
 
 def _grpo_batch(cfg, tok):
@@ -231,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_intel_openmp()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     args = tyro.cli(BenchArgs, args=sys.argv[1:] if argv is None else argv, prog="python -m analysis.bench_rollout")
+    if args.refit is not None:
+        if not args.refit.is_file():
+            raise SystemExit(f"--refit {args.refit}: no such benchmark file")
+        results = load_results(args.refit)
+        for result in results:
+            predict_cells(result)
+        print_tables(results)
+        return 0
     results = [bench_target(name, args) for name in args.targets]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=str))

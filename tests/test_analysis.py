@@ -379,3 +379,29 @@ def test_compare_rewards_statistics():
     shifted = compare(a, [x + 0.2 + 0.01 * i for i, x in enumerate(a)])  # every step higher
     assert shifted["mean_diff"] == pytest.approx(0.235) and shifted["wilcoxon_p"] < 0.05
     assert shifted["ci_low"] > 0
+
+
+def test_bench_refit_recovers_the_speedups_of_a_known_cost_model(tmp_path):
+    """Cells timed by a known cost model: refitting from the saved JSON predicts every measured speedup."""
+    from analysis.bench_rollout import load_results, main, predict_cells
+    from codraft.costmodel import CostModel, StepCosts, tokens_per_verify
+
+    true = CostModel()
+    true.costs = StepCosts(t0=4e-3, t1=3e-4, d0=2e-3, d1=5e-5, s0=3e-3, s1=1e-4)
+    tokens, cells = 48, []
+    for b in (1, 4, 16, 64):
+        plain = true.predict_gen_s([tokens] * b, float("nan"), 0)
+        cells.append({"target": "t", "kind": "none", "k": 0, "batch": b, "seconds": plain, "tokens": tokens * b})
+        for k, alpha in ((1, 0.7), (3, 0.6), (5, 0.5)):
+            secs = true.predict_gen_s([tokens] * b, alpha, k)
+            cells.append({"target": "t", "kind": "eagle3", "k": k, "batch": b, "seconds": secs, "tokens": tokens * b,
+                          "accept_len": tokens_per_verify(alpha, k), "speedup": plain / secs})
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps([{"name": "t", "parameters": 1, "cells": cells, "grpo": {}}]))
+    (result,) = load_results(path)
+    predict_cells(result)
+    spec = [c for c in result.cells if c.kind != "none"]
+    assert len(spec) == 12
+    for c in spec:
+        assert c.predicted == pytest.approx(c.speedup, rel=0.02), (c.k, c.batch)
+    assert main(["--refit", str(path)]) == 0

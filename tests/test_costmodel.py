@@ -5,6 +5,7 @@ import math
 import random
 
 import pytest
+from dataclasses import astuple
 
 from codraft.costmodel import (
     CostModel,
@@ -57,10 +58,23 @@ def test_prediction_matches_hand_computation_plain_decoding():
     model.costs = costs
     by_hand = 2 * (0.01 + 0.002 * 3) + 2 * (0.01 + 0.002 * 2) + 2 * (0.01 + 0.002 * 1)
     assert model.predict_gen_s([2, 4, 6], alpha=0.0, k_schedule=0) == pytest.approx(by_hand)
-    assert batch_profile([6, 2, 4], 0.0, 0) == (6, 12, 0, 0)
+    assert batch_profile([6, 2, 4], 0.0, 0) == (6, 12, 0, 0, 0, 0)
     # alpha = 0 with k = 2 drafts but gains nothing: same steps, each dearer by the verify and 2 draft steps.
     spec = sum(2 * costs.step_s(b, 2) for b in (3, 2, 1))
     assert model.predict_gen_s([2, 4, 6], alpha=0.0, k_schedule=2) == pytest.approx(spec)
+
+
+def test_speculative_engine_pays_its_step_terms_even_when_drafting_nothing():
+    model = CostModel()
+    model.costs = StepCosts(t0=0.01, t1=0.002, d0=0.005, d1=0.001, s0=0.004, s1=0.0005)
+    # lengths 2, 4, 6 with a schedule of k = 0 everywhere: plain decoding's 6 steps over 12
+    # sequence-steps, each step dearer by s0 and each sequence-step by s1
+    plain = model.predict_gen_s([2, 4, 6], alpha=0.9, k_schedule=0)
+    zero = model.predict_gen_s([2, 4, 6], alpha=0.9, k_schedule=((1, 64, 0),))
+    assert batch_profile([2, 4, 6], 0.9, ((1, 64, 0),)) == (6, 12, 0, 0, 6, 12)
+    assert zero - plain == pytest.approx(6 * 0.004 + 12 * 0.0005)
+    assert model.step_s(3, 2) == pytest.approx(0.01 + 0.002 * 9 + 2 * (0.005 + 0.003) + 0.004 + 0.0015)
+    assert model.speedup(0.0, 1, 1) == pytest.approx((0.01 + 0.002) / (0.01 + 0.004 + 0.006 + 0.004 + 0.0005))
 
 
 def test_prediction_with_full_acceptance_and_a_schedule():
@@ -68,7 +82,7 @@ def test_prediction_with_full_acceptance_and_a_schedule():
     model = CostModel()
     schedule = ((1, 2, 1),)
     # lengths 2, 4, 6: 2 plain steps at b=3 -> remaining 2, 4 -> 1 step at b=2 (2 tokens each) -> 2 -> 1 step at b=1
-    by_hand = 2 * model.step_s(3, 0) + model.step_s(2, 1) + model.step_s(1, 1)
+    by_hand = 2 * model.step_s(3, 0, speculative=True) + model.step_s(2, 1) + model.step_s(1, 1)
     assert model.predict_gen_s([2, 4, 6], alpha=1.0, k_schedule=schedule) == pytest.approx(by_hand)
 
 
@@ -86,17 +100,17 @@ def _synthetic_batches(true: CostModel, n: int, seed: int):
         alpha = rng.uniform(0.1, 0.95)
         speculative = rng.random() < 0.7
         schedule = rng.choice([3, 1, ((1, 8, 3), (9, 256, 0)), ((1, 16, 2), (17, 256, 1))])
-        gen_s = true.predict_gen_s(lengths, alpha, schedule if speculative else 0)
+        gen_s = true.predict_gen_s(lengths, alpha, schedule, speculative=True) if speculative else true.predict_gen_s(lengths, alpha, 0)
         yield lengths, alpha, schedule, gen_s, speculative
 
 
 def test_calibration_recovers_known_parameters():
     true = CostModel()
-    true.costs = StepCosts(t0=3e-3, t1=1e-4, d0=1.5e-3, d1=1e-5)
+    true.costs = StepCosts(t0=3e-3, t1=1e-4, d0=1.5e-3, d1=1e-5, s0=4e-3, s1=5e-5)
     model = CostModel(CostModelConfig(window=64))  # priors differ from the truth
     for lengths, alpha, schedule, gen_s, speculative in _synthetic_batches(true, 40, seed=0):
         model.observe(lengths, alpha, schedule, gen_s, speculative)
-    for name in ("t0", "t1", "d0", "d1"):
+    for name in ("t0", "t1", "d0", "d1", "s0", "s1"):
         assert getattr(model.costs, name) == pytest.approx(getattr(true.costs, name), rel=0.02), name
 
 
@@ -111,12 +125,13 @@ def test_calibration_keeps_priors_where_data_says_nothing():
     assert model.costs.t1 == pytest.approx(3e-4, rel=0.02)
     assert model.costs.d0 == pytest.approx(model.prior.d0)  # ... and leaves the drafter's at the priors
     assert model.costs.d1 == pytest.approx(model.prior.d1)
+    assert (model.costs.s0, model.costs.s1) == pytest.approx((model.prior.s0, model.prior.s1))
 
 
 def test_calibration_never_goes_negative():
     model = CostModel()
     model.observe([10, 10], 0.5, 3, gen_seconds=1e-6, speculative=True)  # absurdly fast batch
-    assert min(model.costs.t0, model.costs.t1, model.costs.d0, model.costs.d1) >= 0
+    assert min(astuple(model.costs)) >= 0
 
 
 def test_state_dict_round_trips():
@@ -130,6 +145,13 @@ def test_state_dict_round_trips():
     assert restored.costs == model.costs
 
 
+def test_state_saved_before_the_speculative_terms_loads_with_their_priors():
+    model = CostModel()
+    model.load_state_dict({"costs": [3e-3, 1e-4, 1.5e-3, 1e-5], "records": [[1.0, 2.0, 3.0, 4.0, 0.5]]})
+    assert model.costs == StepCosts(3e-3, 1e-4, 1.5e-3, 1e-5, model.prior.s0, model.prior.s1)
+    assert model.records == []  # rows without the new columns would bias the next fit
+
+
 def test_best_k_drafts_at_small_batch_with_high_acceptance_and_not_when_compute_bound():
     model = CostModel()
     assert model.best_k(0.9, 1) > 0
@@ -139,7 +161,7 @@ def test_best_k_drafts_at_small_batch_with_high_acceptance_and_not_when_compute_
 
 
 def test_best_k_is_plain_decoding_when_drafting_is_expensive():
-    model = CostModel(CostModelConfig(d0=5e-3, d1=2e-4))  # drafter step as dear as the target's
+    model = CostModel(CostModelConfig(d0=1e-2, d1=2e-4))  # a drafter step twice as dear as the target's
     assert model.best_k(0.8, 1) == 0
     assert model.speedup(0.8, 3, 1) < 1
 
