@@ -4,14 +4,15 @@ batch size). Pure Python.
 
 One engine step of a running batch of b sequences, each drafting k tokens, costs
 
-    step_s(b, k) = t0 + t1 * b * (k + 1)   +   k * (d0 + d1 * b)   +   s0 + s1 * b
-                   (target verifies k+1 each)   (k drafter steps)      (speculative engine)
+    step_s(b, k) = t0 + t1 * b * (k + 1)   +   k * (d0 + d1 * b)   +   [k > 0] (s0 + s1 * b)
+                   (target verifies k+1 each)   (k drafter steps)      (drafting at all)
 
 a per-step floor t0 plus target compute per verified token t1, k drafter steps, each with its own
-floor d0 and per-sequence cost d1, and what a speculative engine adds to every step whatever k:
-floor s0 and per-sequence cost s1 (rejection sampling, and the drafter's pass over the tokens just
-accepted, which vLLM runs even at k = 0 to keep the drafter's KV cache in step). Plain decoding,
-an engine without a drafter, costs t0 + t1 * b. A sequence of n tokens
+floor d0 and per-sequence cost d1, and what drafting adds to a step whatever k: floor s0 and
+per-sequence cost s1 (draft sampling, rejection sampling, speculative bookkeeping). k = 0 is plain
+decoding, t0 + t1 * b. Not modelled: a speculative engine at k = 0 still runs the drafter over the
+tokens just accepted (vLLM keeps the drafter's KV cache in step), so on an engine built with a
+drafter, k = 0 costs more than plain decoding. A sequence of n tokens
 needs about n / E verify steps, E = tokens_per_verify(alpha, k) (Leviathan et al. 2023); the
 running batch shrinks as sequences finish, so the long tail of a rollout batch runs at small b.
 
@@ -22,7 +23,7 @@ gently toward priors (DESIGN.md's compiled 25M-target CPU figures) so it is usab
     model = CostModel()
     model.predict_gen_s([120, 80, 192], alpha=0.6, k_schedule=((1, 8, 3), (9, 256, 0)))
     model.observe([120, 80, 192], 0.6, 3, gen_seconds=2.9, speculative=True)
-    model.best_k_schedule(alpha=0.6, batch_sizes=range(1, 257))   # ((1, 25, 1), (26, 256, 0)) with the priors
+    model.best_k_schedule(alpha=0.9, batch_sizes=range(1, 257))   # ((1, 5, 5), (6, 21, 3), (22, 256, 0)) with the priors
 """
 from __future__ import annotations
 
@@ -67,19 +68,12 @@ def k_at(k_schedule: KSchedule, b: int) -> int:
     return next((k for lo, hi, k in k_schedule if lo <= b <= hi), 0)
 
 
-def is_speculative(k_schedule: KSchedule) -> bool:
-    """Whether a k schedule implies a speculative engine: any schedule of ranges does (even all k = 0);
-    a bare k = 0 means plain decoding."""
-    return not isinstance(k_schedule, int) or k_schedule > 0
-
-
-def batch_profile(lengths: Iterable[int], alpha: float, k_schedule: KSchedule, speculative: bool | None = None) -> tuple[float, ...]:
+def batch_profile(lengths: Iterable[int], alpha: float, k_schedule: KSchedule) -> tuple[float, ...]:
     """Generating sequences of `lengths` together: (engine steps, verified tokens, drafter steps,
-    drafter sequence-steps, speculative steps, speculative sequence-steps), the coefficients of
-    (t0, t1, d0, d1, s0, s1) in the batch's seconds. `speculative` defaults to `is_speculative(k_schedule)`."""
-    spec = is_speculative(k_schedule) if speculative is None else speculative
+    drafter sequence-steps, drafting steps, drafting sequence-steps), the coefficients of
+    (t0, t1, d0, d1, s0, s1) in the batch's seconds."""
     remaining = sorted(float(n) for n in lengths if n > 0)  # tokens still to emit, per running sequence
-    steps = verified = draft_steps = draft_seqs = seq_steps = 0.0
+    steps = verified = draft_steps = draft_seqs = spec_steps = spec_seqs = 0.0
     while remaining:
         b = len(remaining)
         k = k_at(k_schedule, b)
@@ -89,9 +83,11 @@ def batch_profile(lengths: Iterable[int], alpha: float, k_schedule: KSchedule, s
         verified += n * b * (k + 1)
         draft_steps += n * k
         draft_seqs += n * k * b
-        seq_steps += n * b
+        if k > 0:
+            spec_steps += n
+            spec_seqs += n * b
         remaining = [r - n * per_step for r in remaining if r - n * per_step > 1e-9]
-    return steps, verified, draft_steps, draft_seqs, steps if spec else 0.0, seq_steps if spec else 0.0
+    return steps, verified, draft_steps, draft_seqs, spec_steps, spec_seqs
 
 
 @dataclass(frozen=True)
@@ -107,14 +103,13 @@ class StepCosts:
     d1: float
     """Drafter: compute per sequence per drafting step."""
     s0: float = 0.0
-    """Speculative engine: floor added to every step, whatever k (0 for an engine without a drafter)."""
+    """Drafting at all (k > 0): floor added to a step, whatever k."""
     s1: float = 0.0
-    """Speculative engine: cost added per sequence per step, whatever k."""
+    """Drafting at all (k > 0): cost added per sequence per step, whatever k."""
 
-    def step_s(self, b: int, k: int, speculative: bool | None = None) -> float:
-        """Seconds of one engine step; `speculative` defaults to k > 0 (k = 0: plain decoding)."""
-        spec = k > 0 if speculative is None else speculative
-        return self.t0 + self.t1 * b * (k + 1) + k * (self.d0 + self.d1 * b) + (self.s0 + self.s1 * b if spec else 0.0)
+    def step_s(self, b: int, k: int) -> float:
+        """Seconds of one engine step of b sequences drafting k tokens each."""
+        return self.t0 + self.t1 * b * (k + 1) + k * (self.d0 + self.d1 * b) + (self.s0 + self.s1 * b if k > 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -128,9 +123,9 @@ class CostModelConfig:
     d1: float = 2e-5
     """Prior drafter compute per sequence per drafting step, seconds."""
     s0: float = 2e-3
-    """Prior floor a speculative engine adds to every step, seconds (testbed, CPU: 2-4 ms)."""
+    """Prior floor drafting adds to a step whatever k, seconds (testbed, CPU: 2-6 ms)."""
     s1: float = 2e-5
-    """Prior cost a speculative engine adds per sequence per step, seconds."""
+    """Prior cost drafting adds per sequence per step whatever k, seconds."""
     prior_weight: float = 1e-3
     """Seconds of fit error that one parameter off by 100% of its prior weighs as (> 0; small = trust data)."""
     window: int = 64
@@ -150,19 +145,18 @@ class CostModel:
         self.records: list[tuple[float, ...]] = []
         """Per observed batch: its profile (see `batch_profile`) and the measured seconds."""
 
-    def step_s(self, b: int, k: int, speculative: bool | None = None) -> float:
-        return self.costs.step_s(b, k, speculative)
+    def step_s(self, b: int, k: int) -> float:
+        return self.costs.step_s(b, k)
 
-    def predict_gen_s(self, lengths: Sequence[int], alpha: float, k_schedule: KSchedule, speculative: bool | None = None) -> float:
-        """Seconds to generate sequences of `lengths` at acceptance alpha under `k_schedule` (on a
-        speculative engine unless `k_schedule` is 0; `speculative` overrides)."""
-        return sum(p * c for p, c in zip(batch_profile(lengths, alpha, k_schedule, speculative), astuple(self.costs)))
+    def predict_gen_s(self, lengths: Sequence[int], alpha: float, k_schedule: KSchedule) -> float:
+        """Seconds to generate sequences of `lengths` at acceptance alpha under `k_schedule`."""
+        return sum(p * c for p, c in zip(batch_profile(lengths, alpha, k_schedule), astuple(self.costs)))
 
     def observe(self, lengths: Sequence[int], alpha: float, k_schedule: KSchedule, gen_seconds: float, speculative: bool) -> None:
         """Record one generated batch (plain decoding when not `speculative`) and refit the parameters."""
         if not any(n > 0 for n in lengths) or not gen_seconds > 0:
             return
-        profile = batch_profile(lengths, alpha, k_schedule, True) if speculative else batch_profile(lengths, 0.0, 0, False)
+        profile = batch_profile(lengths, alpha, k_schedule) if speculative else batch_profile(lengths, 0.0, 0)
         self.records = (self.records + [(*profile, float(gen_seconds))])[-self.config.window :]
         self.costs = self._fit()
 
@@ -189,18 +183,17 @@ class CostModel:
                     best_u, best_obj = u, obj
         return StepCosts(*(u * p for u, p in zip(best_u, prior)))
 
-    def time_per_token(self, alpha: float, k: int, b: int, speculative: bool | None = None) -> float:
-        """Seconds per emitted token at running batch size b (speculative engine when k > 0 unless told)."""
-        return self.step_s(b, k, speculative) / (b * tokens_per_verify(alpha, k))
+    def time_per_token(self, alpha: float, k: int, b: int) -> float:
+        """Seconds per emitted token at running batch size b."""
+        return self.step_s(b, k) / (b * tokens_per_verify(alpha, k))
 
     def speedup(self, alpha: float, k: int, b: int) -> float:
-        """Throughput of drafting k tokens over plain decoding (an engine without a drafter), at running batch size b."""
-        return self.time_per_token(alpha, 0, b, speculative=False) / self.time_per_token(alpha, k, b, speculative=True)
+        """Throughput of drafting k tokens over plain decoding, at running batch size b."""
+        return self.time_per_token(alpha, 0, b) / self.time_per_token(alpha, k, b)
 
     def best_k(self, alpha: float, b: int, ks: Sequence[int] = (0, 1, 2, 3, 5)) -> int:
-        """The k of `ks` with the least time per emitted token at batch size b on a speculative engine,
-        where k = 0 drafts nothing but still pays s0 + s1 * b (smaller k on ties)."""
-        return min(ks, key=lambda k: (self.time_per_token(alpha, k, b, speculative=True), k))
+        """The k of `ks` with the least time per emitted token at batch size b (smaller k on ties)."""
+        return min(ks, key=lambda k: (self.time_per_token(alpha, k, b), k))
 
     def best_k_schedule(self, alpha: float, batch_sizes: Iterable[int], ks: Sequence[int] = (0, 1, 2, 3, 5)) -> tuple[tuple[int, int, int], ...]:
         """Inclusive (lo, hi, k) ranges covering 1..max(batch_sizes): each evaluated size b sets k for
