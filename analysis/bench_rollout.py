@@ -179,14 +179,12 @@ def predict_cells(result: TargetResult) -> None:
     from codraft.costmodel import CostModel, alpha_from_accept_len
 
     model = CostModel()
-    for c in result.cells:
-        lengths = [round(c.tokens / c.batch)] * c.batch
-        model.observe(lengths, alpha_from_accept_len(c.accept_len, c.k) if c.k else float("nan"), c.k, c.seconds, c.kind != "none")
-    for c in result.cells:
+    cells = [(c, [round(c.tokens / c.batch)] * c.batch, alpha_from_accept_len(c.accept_len, c.k) if c.k else float("nan")) for c in result.cells]
+    for c, lengths, alpha in cells:
+        model.observe(lengths, alpha, c.k, c.seconds, c.kind != "none")
+    for c, lengths, alpha in cells:
         if c.kind != "none":
-            lengths = [round(c.tokens / c.batch)] * c.batch
-            a = alpha_from_accept_len(c.accept_len, c.k)
-            c.predicted = model.predict_gen_s(lengths, float("nan"), 0) / model.predict_gen_s(lengths, a, c.k)
+            c.predicted = model.predict_gen_s(lengths, float("nan"), 0) / model.predict_gen_s(lengths, alpha, c.k)
     result.grpo["cost_model"] = dataclasses.asdict(model.costs)
 
 
@@ -247,11 +245,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import tyro
 
-    if argv is None:
-        from codraft.openmp import reexec_with_intel_openmp
-
-        reexec_with_intel_openmp()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     args = tyro.cli(BenchArgs, args=sys.argv[1:] if argv is None else argv, prog="python -m analysis.bench_rollout")
     if args.refit is not None:
         if not args.refit.is_file():
@@ -261,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             predict_cells(result)
         print_tables(results)
         return 0
+    if argv is None:  # timing vLLM from the command line: preload Intel OpenMP first
+        from codraft.openmp import reexec_with_intel_openmp
+
+        reexec_with_intel_openmp()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     results = [bench_target(name, args) for name in args.targets]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=str))

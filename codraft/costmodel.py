@@ -213,7 +213,7 @@ class CostModel:
         return {"costs": list(astuple(self.costs)), "records": [list(r) for r in self.records]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["costs"]) == 4:  # saved before the speculative-engine terms existed: keep the
+        if len(state["costs"]) == 4:  # saved before the drafting terms s0, s1 existed: keep the
             self.costs = StepCosts(*state["costs"], self.prior.s0, self.prior.s1)  # fit, not its rows
             self.records = []
             return

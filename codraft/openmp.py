@@ -56,12 +56,6 @@ def reexec_with_intel_openmp() -> None:
     env = preload_env()
     if env is None:
         return
-    env[SWITCH] = env.get(SWITCH, "1")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
-if __name__ == "__main__":  # print the LD_PRELOAD value to use (for shells and Makefiles)
-    env = preload_env()
-    print(env["LD_PRELOAD"] if env else os.environ.get("LD_PRELOAD", ""))

@@ -72,7 +72,7 @@ class AdaptiveK(RefreshPolicy):
         self.alpha = alpha
         if self.config.calibrate:
             in_force = self.schedule if self.schedule is not None else obs.k
-            self.cost_model.observe(obs.completion_lengths, alpha, in_force, obs.gen_s, speculative=True)  # a drafter is loaded even when k = 0
+            self.cost_model.observe(obs.completion_lengths, alpha, in_force, obs.gen_s, speculative=obs.drafts > 0)
 
     def decide(self) -> Decision:
         refresh, reason = self.trigger.fire(self.history[-1].step)
