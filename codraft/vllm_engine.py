@@ -155,6 +155,34 @@ def _reload_drafter(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
         finalize_layerwise_reload(model, worker.vllm_config.speculative_config.draft_model_config)
 
 
+def _set_drafting(worker, enabled: bool) -> bool:
+    """Run the drafter at every step (True, vLLM's behaviour) or not at all (False).
+
+    vLLM's proposer runs the drafter's forward pass at every step even where the k-by-batch-size
+    table gives k = 0, so that the drafter's KV cache stays in step for when k rises again
+    (`vllm/v1/spec_decode/llm_base_proposer.py`, `propose`). When the table is 0 everywhere no
+    draft is ever used, and that pass makes a speculative engine slower than a plain one. Off,
+    `propose` returns what it returns at k = 0 (no drafts) without the forward pass. Returns
+    whether this runner's drafter could be switched."""
+    drafter = getattr(worker.model_runner, "drafter", None)
+    if drafter is None or not hasattr(type(drafter), "propose"):
+        return False
+    if enabled:
+        drafter.__dict__.pop("propose", None)
+        return True
+
+    def propose(*args, **kwargs):
+        if "common_attn_metadata" not in kwargs or "next_token_ids" not in kwargs:
+            raise RuntimeError("codraft: this vLLM calls the proposer differently; the drafter cannot be switched off")
+        drafter.num_speculative_tokens = 0
+        drafter._last_draft_probs = None
+        batch = kwargs["common_attn_metadata"].batch_size()
+        return torch.empty(batch, 0, device=kwargs["next_token_ids"].device, dtype=torch.int64)
+
+    drafter.propose = propose
+    return True
+
+
 class VLLMEngine(RolloutEngine):
     def __init__(self, cfg, policy_dir: Path, speculative: dict | None = None, target_overrides: dict | None = None):
         _prepare_environment()
@@ -194,6 +222,7 @@ class VLLMEngine(RolloutEngine):
         self.llm = LLM(**kwargs)
         self.build_seconds = time.time() - t0
         self.speculative = speculative
+        self.drafting = bool(speculative)  # False: the k table is 0 everywhere and the drafter is off
         self.cpu_fix = False
         if self.cpu and speculative:
             self.set_cpu_fix(rollout.cpu_rejection_fix)
@@ -272,6 +301,11 @@ class VLLMEngine(RolloutEngine):
             [list(r) for r in schedule], vllm_max_batch_size=scheduler.scheduler_config.max_num_seqs, vllm_num_speculative_tokens=scheduler.num_spec_tokens
         )
         self.k_schedule = [tuple(r) for r in schedule]
+        drafting = any(k > 0 for _, _, k in self.k_schedule)
+        if drafting != self.drafting and all(self.llm.collective_rpc(_set_drafting, args=(drafting,))):
+            self.drafting = drafting
+            if drafting:  # prompts cached while the drafter was off hold no drafter KV
+                self.llm.reset_prefix_cache()
 
     def _scheduler(self):
         core = self.llm.llm_engine.engine_core

@@ -74,6 +74,50 @@ def test_acceptance_counts_add_up_and_match_teacher_forcing(served, setup):
     assert abs(alpha.accept_len - acc.accept_len) < 0.25 * acc.accept_len
 
 
+def _count_drafter_forwards(worker, reset: bool) -> int:
+    model = worker.model_runner.drafter.model
+    if reset:
+        model._codraft_forwards = 0
+        if not hasattr(model, "_codraft_hook"):
+            model._codraft_hook = model.register_forward_hook(lambda m, args, out: setattr(m, "_codraft_forwards", m._codraft_forwards + 1))
+    return model._codraft_forwards
+
+
+# Placed before the tests that build a second engine: vLLM keeps its metrics in one process-wide
+# registry that the newest engine takes over, so an older engine's acceptance counters read zero.
+def test_k_schedule_drafts_only_where_k_is_positive_and_all_zero_turns_the_drafter_off(served, setup, request):
+    from codraft.engine import Sampling
+
+    kind, _, eng = served
+    full, top = [(1, eng.cfg.rollout.max_num_seqs, K)], eng.cfg.rollout.max_num_seqs
+    prompts, sampling = setup["held"][:8], Sampling(1.0, 1.0, 40)
+    try:
+        before = eng.generate(prompts, n=4, sampling=sampling, seed=5).acceptance
+        eng.set_k_schedule([(1, 16, K), (17, top, 0)])  # 32 sequences start; only the tail drafts
+        tail = eng.generate(prompts, n=4, sampling=sampling, seed=5).acceptance
+        assert 0 < tail.drafts < before.drafts and eng.drafting
+
+        eng.set_k_schedule([(1, top, 0)])
+        assert not eng.drafting
+        eng.llm.collective_rpc(_count_drafter_forwards, args=(True,))
+        off = eng.generate(prompts, n=4, sampling=sampling, seed=5)
+        assert off.acceptance.drafts == 0 and off.num_tokens > 0
+        assert eng.llm.collective_rpc(_count_drafter_forwards, args=(False,)) == [0]  # no drafter forward at all
+
+        eng.set_k_schedule(full)
+        assert eng.drafting
+        again = eng.generate(prompts, n=4, sampling=sampling, seed=5).acceptance
+        assert again.drafts > 0 and eng.llm.collective_rpc(_count_drafter_forwards, args=(False,))[0] > 0
+        assert abs(again.accept_len - before.accept_len) < 0.2 * before.accept_len  # the drafter's KV is whole again
+
+        eng.set_k_schedule([(1, top, 0)])
+        plain = request.getfixturevalue("plain")
+        report = check_lossless(plain, eng, setup["held"][:6], samples_per_prompt=160, positions=10, alpha=0.01, seed=11)
+        assert report.passed, f"{kind}, drafter off: min p {report.min_p:.2e} < {report.threshold:.2e}"
+    finally:
+        eng.set_k_schedule(full)
+
+
 def test_speculation_is_lossless(served, plain, setup):
     kind, _, eng = served
     report = check_lossless(plain, eng, setup["held"][:6], samples_per_prompt=160, positions=10, alpha=0.01, seed=11)
