@@ -159,7 +159,8 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
         fixed = max(k for k in args.ks if k <= 3)
         engine.set_k_schedule([(1, kcfg.rollout.max_num_seqs, fixed)])
         t_fixed, g_fixed = _time_grpo(engine, grpo_prompts, cfg, args.repeats)
-        auto = list(model.best_k_schedule(alpha, range(1, kcfg.rollout.max_num_seqs + 1), ks=tuple(sorted({0, *args.ks}))))
+        grpo_lengths = [len(c.token_ids) for c in grpo_gen.completions]
+        auto = list(model.best_k_schedule(alpha, range(1, kcfg.rollout.max_num_seqs + 1), ks=tuple(sorted({0, *args.ks})), lengths=grpo_lengths))
         engine.set_k_schedule(auto)
         t_auto, g_auto = _time_grpo(engine, grpo_prompts, cfg, args.repeats)
         result.grpo[kind] = {

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from codraft.acceptance import AcceptanceStats
-from codraft.costmodel import CostModel, alpha_from_accept_len
+from codraft.costmodel import CostModel, alpha_from_accept_len, drafts_anywhere
 from codraft.distill import DistillExample, distill, examples_from_forward, teacher_forced_alpha
 from codraft.drafter import Drafter, DrafterMismatch, check_finite, features_from_forward
 from codraft.refresh import Observation, RefreshLog, make_refresh_policy
@@ -117,6 +117,8 @@ class Controller:
         if acc.drafts:
             self.cost.observe(lengths, a_now, tuple(self.k_schedule), timer.seconds.get("gen", 0.0), True)
             self._last_batch = (lengths, a_now)
+        elif not drafts_anywhere(tuple(self.k_schedule)):  # the drafter is off: a plain-decoding timing
+            self.cost.observe(lengths, math.nan, 0, timer.seconds.get("gen", 0.0), False)
         obs = Observation(
             step=step, drafts=acc.drafts, draft_tokens=acc.draft_tokens, accepted=acc.accepted, k=self.k,
             alpha_serving=sum(alpha.greedy) / len(alpha.greedy) if alpha else math.nan,
@@ -152,7 +154,7 @@ class Controller:
         if math.isnan(alpha):
             return self.k_schedule
         ks = tuple(range(0, self.k + 1))
-        return list(self.cost.best_k_schedule(alpha, range(1, self.cfg.rollout.max_num_seqs + 1), ks=ks))
+        return list(self.cost.best_k_schedule(alpha, range(1, self.cfg.rollout.max_num_seqs + 1), ks=ks, lengths=obs.completion_lengths))
 
     def _set_schedule(self, schedule) -> None:
         schedule = [tuple(r) for r in schedule]

@@ -10,9 +10,10 @@ One engine step of a running batch of b sequences, each drafting k tokens, costs
 a per-step floor t0 plus target compute per verified token t1, k drafter steps, each with its own
 floor d0 and per-sequence cost d1, and what drafting adds to a step whatever k: floor s0 and
 per-sequence cost s1 (draft sampling, rejection sampling, speculative bookkeeping). k = 0 is plain
-decoding, t0 + t1 * b. Not modelled: a speculative engine at k = 0 still runs the drafter over the
-tokens just accepted (vLLM keeps the drafter's KV cache in step), so on an engine built with a
-drafter, k = 0 costs more than plain decoding. A sequence of n tokens
+decoding, t0 + t1 * b, with one exception: where a schedule drafts at some batch sizes, its k = 0
+steps still run the drafter once over the tokens just emitted (vLLM keeps the drafter's KV cache in
+step for when k rises again), d0 + d1 * b more. A schedule that is 0 everywhere turns the drafter
+off (`VLLMEngine.set_k_schedule`) and costs what plain decoding costs. A sequence of n tokens
 needs about n / E verify steps, E = tokens_per_verify(alpha, k) (Leviathan et al. 2023); the
 running batch shrinks as sequences finish, so the long tail of a rollout batch runs at small b.
 
@@ -68,21 +69,30 @@ def k_at(k_schedule: KSchedule, b: int) -> int:
     return next((k for lo, hi, k in k_schedule if lo <= b <= hi), 0)
 
 
+def drafts_anywhere(k_schedule: KSchedule) -> bool:
+    """Whether the schedule drafts at some batch size (otherwise the engine's drafter is off)."""
+    if isinstance(k_schedule, int):
+        return k_schedule > 0
+    return any(k > 0 for _, _, k in k_schedule)
+
+
 def batch_profile(lengths: Iterable[int], alpha: float, k_schedule: KSchedule) -> tuple[float, ...]:
     """Generating sequences of `lengths` together: (engine steps, verified tokens, drafter steps,
     drafter sequence-steps, drafting steps, drafting sequence-steps), the coefficients of
     (t0, t1, d0, d1, s0, s1) in the batch's seconds."""
     remaining = sorted(float(n) for n in lengths if n > 0)  # tokens still to emit, per running sequence
     steps = verified = draft_steps = draft_seqs = spec_steps = spec_seqs = 0.0
+    drafter_on = drafts_anywhere(k_schedule)
     while remaining:
         b = len(remaining)
         k = k_at(k_schedule, b)
         per_step = tokens_per_verify(alpha, k)
         n = max(1, math.ceil(remaining[0] / per_step - 1e-9))  # steps until the shortest one finishes
+        forwards = max(k, 1) if drafter_on else 0  # at k = 0 a drafting engine still runs the drafter once
         steps += n
         verified += n * b * (k + 1)
-        draft_steps += n * k
-        draft_seqs += n * k * b
+        draft_steps += n * forwards
+        draft_seqs += n * forwards * b
         if k > 0:
             spec_steps += n
             spec_seqs += n * b
@@ -195,18 +205,33 @@ class CostModel:
         """The k of `ks` with the least time per emitted token at batch size b (smaller k on ties)."""
         return min(ks, key=lambda k: (self.time_per_token(alpha, k, b), k))
 
-    def best_k_schedule(self, alpha: float, batch_sizes: Iterable[int], ks: Sequence[int] = (0, 1, 2, 3, 5)) -> tuple[tuple[int, int, int], ...]:
+    def _drafting_engine_time_per_token(self, alpha: float, k: int, b: int) -> float:
+        """Seconds per emitted token at batch size b on an engine whose drafter is on."""
+        rerun = 0.0 if k else self.costs.d0 + self.costs.d1 * b
+        return (self.step_s(b, k) + rerun) / (b * tokens_per_verify(alpha, k))
+
+    def best_k_schedule(
+        self, alpha: float, batch_sizes: Iterable[int], ks: Sequence[int] = (0, 1, 2, 3, 5), lengths: Sequence[int] | None = None
+    ) -> tuple[tuple[int, int, int], ...]:
         """Inclusive (lo, hi, k) ranges covering 1..max(batch_sizes): each evaluated size b sets k for
-        the sizes above the previous one up to b (pass `range(1, max_num_seqs + 1)` to evaluate all)."""
+        the sizes above the previous one up to b (pass `range(1, max_num_seqs + 1)` to evaluate all).
+
+        Each size gets the k with the least time per token, counting, at k = 0, the drafter pass a
+        drafting engine still runs. Given a batch's completion `lengths`, the schedule that drafts
+        somewhere is kept only if it predicts that batch faster than never drafting (drafter off)."""
+        sizes = sorted(set(batch_sizes))
         ranges: list[tuple[int, int, int]] = []
         lo = 1
-        for b in sorted(set(batch_sizes)):
-            k = self.best_k(alpha, b, ks)
+        for b in sizes:
+            k = min(ks, key=lambda k: (self._drafting_engine_time_per_token(alpha, k, b), k))
             if ranges and ranges[-1][2] == k:
                 ranges[-1] = (ranges[-1][0], b, k)
             else:
                 ranges.append((lo, b, k))
             lo = b + 1
+        never = ((1, sizes[-1], 0),) if sizes else ()
+        if lengths and drafts_anywhere(tuple(ranges)) and self.predict_gen_s(lengths, alpha, tuple(ranges)) >= self.predict_gen_s(lengths, alpha, never):
+            return never
         return tuple(ranges)
 
     def state_dict(self) -> dict[str, Any]:

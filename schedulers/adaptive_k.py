@@ -85,7 +85,8 @@ class AdaptiveK(RefreshPolicy):
         return Decision(refresh, f"alpha {reason}; k schedule {ks} for alpha {alpha:.3f}", k_schedule=self.schedule)
 
     def _schedule(self, alpha: float) -> tuple[tuple[int, int, int], ...]:
-        schedule = self.cost_model.best_k_schedule(alpha, range(1, self.config.max_batch + 1), self.config.ks)
+        lengths = self.history[-1].completion_lengths or None  # the last batch: is drafting at all worth it?
+        schedule = self.cost_model.best_k_schedule(alpha, range(1, self.config.max_batch + 1), self.config.ks, lengths=lengths)
         drafting = [k for k in self.config.ks if k > 0]
         (_, hi, k), rest = schedule[0], schedule[1:]
         if k > 0 or not self.config.keep_measuring or not drafting:

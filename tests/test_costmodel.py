@@ -70,17 +70,22 @@ def test_drafting_pays_its_fixed_terms_on_drafting_steps_only():
     assert model.step_s(3, 2) == pytest.approx(0.01 + 0.002 * 9 + 2 * (0.005 + 0.003) + 0.004 + 0.0015)
     assert model.step_s(3, 0) == pytest.approx(0.01 + 0.002 * 3)  # k = 0: plain decoding
     assert model.speedup(0.0, 1, 1) == pytest.approx((0.01 + 0.002) / (0.01 + 0.004 + 0.006 + 0.004 + 0.0005))
-    # lengths 2, 4, 6, alpha 0, k = 1 only at batch 1: 2 plain steps at b = 3, 2 at b = 2, then 2
-    # drafting steps at b = 1 verifying 2 tokens each -> s0 twice, s1 on 2 sequence-steps
-    assert batch_profile([2, 4, 6], 0.0, ((1, 1, 1),)) == (6, 14, 2, 2, 2, 2)
+    # lengths 2, 4, 6, alpha 0, k = 1 only at batch 1: 2 k = 0 steps at b = 3, 2 at b = 2, then 2
+    # drafting steps at b = 1 verifying 2 tokens each -> s0 twice, s1 on 2 sequence-steps. The
+    # drafter runs once in each k = 0 step too (6 sequence-steps) and once in each drafting step.
+    assert batch_profile([2, 4, 6], 0.0, ((1, 1, 1),)) == (6, 14, 6, 12, 2, 2)
+    # 0 everywhere: the drafter is off, plain decoding
+    assert batch_profile([2, 4, 6], 0.0, ((1, 256, 0),)) == batch_profile([2, 4, 6], 0.0, 0) == (6, 12, 0, 0, 0, 0)
 
 
 def test_prediction_with_full_acceptance_and_a_schedule():
     # alpha = 1, k = 1 at batch <= 2: 2 tokens per step there; batch 3 decodes plainly (uncovered).
     model = CostModel()
     schedule = ((1, 2, 1),)
-    # lengths 2, 4, 6: 2 plain steps at b=3 -> remaining 2, 4 -> 1 step at b=2 (2 tokens each) -> 2 -> 1 step at b=1
-    by_hand = 2 * model.step_s(3, 0) + model.step_s(2, 1) + model.step_s(1, 1)
+    # lengths 2, 4, 6: 2 k = 0 steps at b=3 (the drafter still runs once in each) -> remaining 2, 4
+    # -> 1 step at b=2 (2 tokens each) -> 2 -> 1 step at b=1
+    c = model.costs
+    by_hand = 2 * (model.step_s(3, 0) + c.d0 + 3 * c.d1) + model.step_s(2, 1) + model.step_s(1, 1)
     assert model.predict_gen_s([2, 4, 6], alpha=1.0, k_schedule=schedule) == pytest.approx(by_hand)
 
 
@@ -171,7 +176,26 @@ def test_best_k_schedule_covers_every_batch_size_with_k_falling_as_batch_grows()
     assert all(a[1] + 1 == b[0] for a, b in zip(schedule, schedule[1:]))  # contiguous, no overlap
     ks = [k_at(schedule, b) for b in range(1, 257)]
     assert ks == sorted(ks, reverse=True) and ks[0] > 0 and ks[-1] == 0
-    assert all(k_at(schedule, b) == model.best_k(0.9, b) for b in (1, 5, 17, 64, 256))
+    # each size takes the k with the least time per token on an engine whose drafter is on
+    for b in (1, 5, 17, 64, 256):
+        per_token = {k: model._drafting_engine_time_per_token(0.9, k, b) for k in (0, 1, 2, 3, 5)}
+        assert per_token[k_at(schedule, b)] == min(per_token.values())
+
+
+def test_best_k_schedule_turns_the_drafter_off_when_the_crowded_start_costs_more_than_the_tail_saves():
+    model = CostModel()
+    model.costs = StepCosts(t0=0.01, t1=1e-3, d0=0.004, d1=1e-4, s0=0.001, s1=1e-5)
+    tail = model.best_k_schedule(0.9, range(1, 129), ks=(0, 3))
+    assert k_at(tail, 1) == 3 and k_at(tail, 128) == 0  # drafting pays only at small batch sizes
+    never = ((1, 128, 0),)
+    # 128 sequences of equal length: no tail, the drafter's k = 0 passes are pure cost
+    crowded = [40] * 128
+    assert model.predict_gen_s(crowded, 0.9, tail) > model.predict_gen_s(crowded, 0.9, never)
+    assert model.best_k_schedule(0.9, range(1, 129), ks=(0, 3), lengths=crowded) == never
+    # a long tail: a few sequences run on for hundreds of steps after the rest finish
+    long_tail = [20] * 124 + [400] * 4
+    assert model.predict_gen_s(long_tail, 0.9, tail) < model.predict_gen_s(long_tail, 0.9, never)
+    assert model.best_k_schedule(0.9, range(1, 129), ks=(0, 3), lengths=long_tail) == tail
 
 
 def test_speedup_matches_leviathan_when_verify_costs_one_step():
