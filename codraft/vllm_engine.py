@@ -226,6 +226,9 @@ class VLLMEngine(RolloutEngine):
         self.cpu_fix = False
         if self.cpu and speculative:
             self.set_cpu_fix(rollout.cpu_rejection_fix)
+        table = (speculative or {}).get("num_speculative_tokens_per_batch_size")
+        if table and not any(k > 0 for _, _, k in table):  # built never to draft: drafter off from the start
+            self.set_k_schedule(table)
         self._counters = self._read_counters()
 
     def set_cpu_fix(self, enabled: bool) -> None:
