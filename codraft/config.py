@@ -145,7 +145,9 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class GRPOConfig:
     lr: float = 3e-5
-    """AdamW learning rate of the policy."""
+    """AdamW learning rate of the policy (the peak, under `lr_decay`)."""
+    lr_decay: Literal["constant", "cosine"] = "constant"
+    """Learning rate over the run's steps: constant, or cosine decay from `lr` to 0 at the last step."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.99)

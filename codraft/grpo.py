@@ -182,6 +182,12 @@ class GRPOTrainer:
             kl = float((info["kl"] * mask).sum()) if "kl" in info else 0.0
             return torch.tensor([loss.item() * n_tokens, float((info["clipped"] * mask).sum()), kl, float((entropy * mask).sum())], dtype=torch.float64)
 
+    def set_progress(self, fraction: float) -> None:
+        """Set the learning rate for a step `fraction` of the way through the run (`lr_decay`)."""
+        scale = 0.5 * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0))) if self.cfg.lr_decay == "cosine" else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * scale
+
     def update(self, batch: TokenBatch, scored: Scored, adv: torch.Tensor, behaviour_logp: torch.Tensor | None = None) -> dict[str, float]:
         """Train stage: `mini_batches` AdamW steps over the rollout batch. Returns mean diagnostics."""
         cfg = self.cfg

@@ -41,7 +41,9 @@ def grpo_step(run: "Run", step: int) -> dict[str, Any]:
         scored = run.trainer.score(batch, on_forward=run.controller.on_policy_forward(batch, gen))
 
     with timer("train"):  # clipped GRPO update of the policy
+        run.trainer.set_progress(step / cfg.run.steps)
         stats = run.trainer.update(batch, scored, adv, behaviour_logp=behaviour)
+        stats["lr"] = run.trainer.optimizer.param_groups[0]["lr"]
 
     # control: the refresh policy sees this step's acceptance and costs; it may distil and swap
     record.update(run.controller.after_step(step, gen, timer))
@@ -68,9 +70,10 @@ def grpo_step(run: "Run", step: int) -> dict[str, Any]:
     return record
 
 
-def follow_step(run: "Run") -> None:
+def follow_step(run: "Run", step: int) -> None:
     """A step on a rank other than the main one (torchrun): the same collectives, in the same order."""
     run.policy_weights()  # the main rank pushes them into the engine (a gather under FSDP2)
     batch, adv, behaviour = run.share(None)
     scored = run.trainer.score(batch)
+    run.trainer.set_progress(step / run.cfg.run.steps)
     run.trainer.update(batch, scored, adv, behaviour_logp=behaviour)

@@ -284,7 +284,7 @@ class Run:
         acc = float("nan")
         for step in bar:
             if not self.is_main:  # other ranks train on the main rank's batch; it logs and saves
-                follow_step(self)
+                follow_step(self, step)
                 if cfg.output.save_policy_every and (step + 1) % cfg.output.save_policy_every == 0:
                     self.save_policy()
                 continue

@@ -105,3 +105,17 @@ def test_make_batch_masks():
     assert batch.input_ids.tolist() == [[1, 2, 4, 5], [3, 6, 7, 8]]
     assert batch.completion_mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
     assert batch.target_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
+def test_learning_rate_decay_follows_the_run_and_is_stateless():
+    policy = torch.nn.Linear(2, 2)
+    constant = GRPOTrainer(policy, GRPOConfig(lr=1e-4))
+    cosine = GRPOTrainer(policy, GRPOConfig(lr=1e-4, lr_decay="cosine"))
+    lrs = {}
+    for fraction in (0.0, 0.5, 1.0, 0.25):  # any order: the rate depends on the step only (resume-safe)
+        constant.set_progress(fraction)
+        cosine.set_progress(fraction)
+        assert constant.optimizer.param_groups[0]["lr"] == 1e-4
+        lrs[fraction] = cosine.optimizer.param_groups[0]["lr"]
+    assert lrs[0.0] == pytest.approx(1e-4) and lrs[0.5] == pytest.approx(5e-5) and lrs[1.0] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[0.25] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
