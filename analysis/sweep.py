@@ -1,9 +1,9 @@
 """Ablation sweeps: run the cartesian product of config values, resumably, and tabulate the results.
 
-    codraft sweep --grid sweeps/policies.toml --out runs/policies
-    codraft sweep --grid sweeps/policies.toml --dry-run        # validate every config, show the plan
-    codraft sweep --grid sweeps/policies.toml --table-only     # (re)write results.csv and results.md
-    python -m analysis.sweep --grid sweeps/policies.toml       # the same without the console script
+    codraft sweep --grid analysis/grids/policies.toml --out runs/policies
+    codraft sweep --grid analysis/grids/policies.toml --dry-run        # validate every config, show the plan
+    codraft sweep --grid analysis/grids/policies.toml --table-only     # (re)write results.csv and results.md
+    python -m analysis.sweep --grid analysis/grids/policies.toml       # the same without the console script
 
 A grid file is TOML. Keys are config keys, quoted or written as nested tables:
 

@@ -129,9 +129,10 @@ class Arithmetic(SyntheticTask):
     for a small model, far more reliable. The warm-start (SFT) data mixes the styles: mostly terse
     solutions whose steps slip by one with probability `terse_error` (the slip carries through the
     chain), and a `careful_share` of careful ones that slip ten times less often. The SFT policy
-    therefore solves part of the task at temperature 1; RL can sharpen its arithmetic and, above all,
-    move it to the rarer careful style: its completions grow longer and the text a drafter sees
-    changes, which is the drift codraft studies.
+    therefore solves part of the task at temperature 1, and RL can sharpen its arithmetic or move it
+    to the careful style; either changes the text a drafter sees, the drift codraft studies. On the
+    default testbed RL sharpens the terse style: with a tenth of the warm-start data, the careful
+    style is the one the policy executes worse, and RL drops it.
     """
 
     def owns(self, prompt: str) -> bool:
