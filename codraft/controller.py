@@ -117,7 +117,7 @@ class Controller:
         if acc.drafts:
             self.cost.observe(lengths, a_now, tuple(self.k_schedule), timer.seconds.get("gen", 0.0), True)
             self._last_batch = (lengths, a_now)
-        elif not drafts_anywhere(tuple(self.k_schedule)):  # the drafter is off: a plain-decoding timing
+        elif not drafts_anywhere(self.k_schedule):  # the drafter is off: a plain-decoding timing
             self.cost.observe(lengths, math.nan, 0, timer.seconds.get("gen", 0.0), False)
         obs = Observation(
             step=step, drafts=acc.drafts, draft_tokens=acc.draft_tokens, accepted=acc.accepted, k=self.k,

@@ -69,7 +69,7 @@ def k_at(k_schedule: KSchedule, b: int) -> int:
     return next((k for lo, hi, k in k_schedule if lo <= b <= hi), 0)
 
 
-def drafts_anywhere(k_schedule: KSchedule) -> bool:
+def drafts_anywhere(k_schedule: KSchedule | Iterable[Sequence[int]]) -> bool:
     """Whether the schedule drafts at some batch size (otherwise the engine's drafter is off)."""
     if isinstance(k_schedule, int):
         return k_schedule > 0
@@ -229,10 +229,10 @@ class CostModel:
             else:
                 ranges.append((lo, b, k))
             lo = b + 1
-        never = ((1, sizes[-1], 0),) if sizes else ()
-        if lengths and drafts_anywhere(tuple(ranges)) and self.predict_gen_s(lengths, alpha, tuple(ranges)) >= self.predict_gen_s(lengths, alpha, never):
+        schedule, never = tuple(ranges), ((1, sizes[-1], 0),) if sizes else ()
+        if lengths and drafts_anywhere(schedule) and self.predict_gen_s(lengths, alpha, schedule) >= self.predict_gen_s(lengths, alpha, never):
             return never
-        return tuple(ranges)
+        return schedule
 
     def state_dict(self) -> dict[str, Any]:
         return {"costs": list(astuple(self.costs)), "records": [list(r) for r in self.records]}

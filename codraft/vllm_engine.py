@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from codraft.acceptance import AcceptanceStats, read_vllm_counters
+from codraft.costmodel import drafts_anywhere
 from codraft.engine import Completion, Generation, RolloutEngine, Sampling, request_seeds
 
 
@@ -227,7 +228,7 @@ class VLLMEngine(RolloutEngine):
         if self.cpu and speculative:
             self.set_cpu_fix(rollout.cpu_rejection_fix)
         table = (speculative or {}).get("num_speculative_tokens_per_batch_size")
-        if table and not any(k > 0 for _, _, k in table):  # built never to draft: drafter off from the start
+        if table and not drafts_anywhere(table):  # built never to draft: drafter off from the start
             self.set_k_schedule(table)
         self._counters = self._read_counters()
 
@@ -304,7 +305,7 @@ class VLLMEngine(RolloutEngine):
             [list(r) for r in schedule], vllm_max_batch_size=scheduler.scheduler_config.max_num_seqs, vllm_num_speculative_tokens=scheduler.num_spec_tokens
         )
         self.k_schedule = [tuple(r) for r in schedule]
-        drafting = any(k > 0 for _, _, k in self.k_schedule)
+        drafting = drafts_anywhere(self.k_schedule)
         if drafting != self.drafting and all(self.llm.collective_rpc(_set_drafting, args=(drafting,))):
             self.drafting = drafting
             if drafting:  # prompts cached while the drafter was off hold no drafter KV
