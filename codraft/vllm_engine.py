@@ -184,6 +184,32 @@ def _set_drafting(worker, enabled: bool) -> bool:
     return True
 
 
+def _plain_sampling_without_drafts(worker) -> bool:
+    """Sample a step that carries no draft token with the plain sampler, as a plain engine does.
+
+    A speculative engine sends every step through its rejection sampler, drafts or not
+    (`gpu_model_runner._prepare_inputs` builds spec-decode metadata whenever a speculative config
+    is set). With no drafts in the batch the rejection sampler returns only its bonus token, which
+    its inner sampler draws from the same logits with the same per-request generators, and then
+    rebuilds the log-probs of that one token in a second pass over the vocabulary. The shortcut
+    returns the inner sampler's output: the same tokens, and the log-probs a plain engine returns
+    (the rebuilt ones differ in the last bits). On the testbed's GRPO batch with the drafter off it
+    took a speculative engine from 0.85-0.94x of a plain engine's speed to 0.96-0.98x. Returns
+    whether this runner has a rejection sampler to shortcut."""
+    sampler = getattr(worker.model_runner, "rejection_sampler", None)
+    if sampler is None:
+        return False
+    forward = type(sampler).forward
+
+    def sample(metadata, draft_probs, logits, sampling_metadata):
+        if metadata.max_spec_len == 0:
+            return sampler.sampler(logits=logits[metadata.bonus_logits_indices], sampling_metadata=sampling_metadata, predict_bonus_token=True)
+        return forward(sampler, metadata, draft_probs, logits, sampling_metadata)
+
+    sampler.forward = sample
+    return True
+
+
 class VLLMEngine(RolloutEngine):
     def __init__(self, cfg, policy_dir: Path, speculative: dict | None = None, target_overrides: dict | None = None):
         _prepare_environment()
@@ -225,6 +251,8 @@ class VLLMEngine(RolloutEngine):
         self.speculative = speculative
         self.drafting = bool(speculative)  # False: the k table is 0 everywhere and the drafter is off
         self.cpu_fix = False
+        if speculative:
+            self.llm.collective_rpc(_plain_sampling_without_drafts)
         if self.cpu and speculative:
             self.set_cpu_fix(rollout.cpu_rejection_fix)
         table = (speculative or {}).get("num_speculative_tokens_per_batch_size")
