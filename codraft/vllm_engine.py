@@ -161,26 +161,26 @@ def _set_drafting(worker, enabled: bool) -> bool:
 
     vLLM's proposer runs the drafter's forward pass at every step even where the k-by-batch-size
     table gives k = 0, so that the drafter's KV cache stays in step for when k rises again
-    (`vllm/v1/spec_decode/llm_base_proposer.py`, `propose`). When the table is 0 everywhere no
-    draft is ever used, and that pass makes a speculative engine slower than a plain one. Off,
-    `propose` returns what it returns at k = 0 (no drafts) without the forward pass. Returns
-    whether this runner's drafter could be switched."""
-    drafter = getattr(worker.model_runner, "drafter", None)
-    if drafter is None or not hasattr(type(drafter), "propose"):
+    (`vllm/v1/spec_decode/llm_base_proposer.py`, `propose`), and the runner prepares its inputs
+    first (`gpu_model_runner.propose_draft_token_ids`). When the table is 0 everywhere no draft is
+    ever used, and that work makes a speculative engine slower than a plain one. Off, the runner's
+    `propose_draft_token_ids` returns what it returns at k = 0, no drafts, and does nothing else.
+    With no drafts scheduled, nothing downstream needs what it skips: the accepted-token counts
+    it would record for asynchronous scheduling are the CPU's own (every draft, of none, accepted).
+    Returns whether this runner's drafter could be switched."""
+    runner = worker.model_runner
+    if getattr(runner, "drafter", None) is None or not hasattr(type(runner), "propose_draft_token_ids"):
         return False
     if enabled:
-        drafter.__dict__.pop("propose", None)
+        runner.__dict__.pop("propose_draft_token_ids", None)
         return True
 
-    def propose(*args, **kwargs):
-        if "common_attn_metadata" not in kwargs or "next_token_ids" not in kwargs:
-            raise RuntimeError("codraft: this vLLM calls the proposer differently; the drafter cannot be switched off")
-        drafter.num_speculative_tokens = 0
-        drafter._last_draft_probs = None
-        batch = kwargs["common_attn_metadata"].batch_size()
-        return torch.empty(batch, 0, device=kwargs["next_token_ids"].device, dtype=torch.int64)
+    def propose_draft_token_ids(*args, **kwargs):
+        runner._draft_probs = None
+        runner._draft_prob_req_ids = None
+        return torch.empty(runner.input_batch.num_reqs, 0, device=runner.device, dtype=torch.int64)
 
-    drafter.propose = propose
+    runner.propose_draft_token_ids = propose_draft_token_ids
     return True
 
 
