@@ -10,9 +10,12 @@ through the live scheduler's k-by-batch-size table). Each cell times `b` held-ou
 solutions are longer than the token budget, so the running batch stays at `b` throughout; the
 median of `repeats` runs is kept. Per cell it prints the measured acceptance length, the measured
 draft/target step-cost ratio c = (T_spec - T_plain) / (k T_plain), the measured speedup, and the
-speedup predicted by codraft's cost model (calibrated on all cells of that target) from the
-measured acceptance. Then a whole GRPO rollout batch (natural lengths, its long tail included) is
-timed plain, at fixed k and with the `auto` k schedule the cost model derives.
+speedup predicted by codraft's cost model from the measured acceptance: one model per drafter kind,
+calibrated on the target's plain cells and that kind's cells, and, as a forecast, the same model
+calibrated without the cell it predicts (leave one out). Then a whole GRPO rollout batch (natural
+lengths, its long tail included) is timed at fixed k and with the `auto` k schedule the cost model
+derives, each alternated run by run with the plain engine (kept up beside the speculative one), so
+that its speedup is a median of paired ratios that a shared machine's load swings move together.
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ class Cell:
     c_ratio: float = float("nan")
     speedup: float = float("nan")
     predicted: float = float("nan")
+    loo: float = float("nan")
 
 
 @dataclass
@@ -107,12 +111,14 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from codraft.configfile import load_config
-    from codraft.costmodel import CostModel, alpha_from_accept_len
+    from codraft.costmodel import alpha_from_accept_len
     from codraft.testbed import policy_source
     from codraft.vllm_engine import VLLMEngine
     from codraft.warmstart import initial_drafter
 
-    overrides = (LARGE if name == "large" else []) + [f"rollout.enforce_eager={str(args.eager).lower()}", f"rollout.max_num_seqs={max(args.batches + (64,))}"]
+    # the plain engine stays up beside each speculative one: on a GPU each takes 40% of its memory
+    overrides = (LARGE if name == "large" else []) + [f"rollout.enforce_eager={str(args.eager).lower()}", f"rollout.max_num_seqs={max(args.batches + (64,))}",
+                                                      "rollout.gpu_memory_utilization=0.4"]
     cfg = load_config(args.preset, overrides=overrides)
     policy_dir = policy_source(cfg, log=log)
     tok = AutoTokenizer.from_pretrained(policy_dir)
@@ -124,15 +130,13 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
 
     plain = VLLMEngine(cfg, policy_dir)
     base: dict[int, tuple[float, int]] = {}
-    model = CostModel()
     for b in args.batches:
         secs, gen = _time(plain, prompts[:b], args.tokens, args.repeats, seed=1)
         base[b] = (secs, gen.num_tokens)
         result.cells.append(Cell(name, "none", 0, b, secs, gen.num_tokens))
-        model.observe([len(c.token_ids) for c in gen.completions], float("nan"), 0, secs, False)
     grpo_prompts = [p["ids"] for p in _grpo_batch(cfg, tok)]
-    grpo_plain, grpo_gen = _time_grpo(plain, grpo_prompts, cfg, args.repeats)
-    plain.close()
+    grpo_lengths = [len(c.token_ids) for c in plain.generate(grpo_prompts, n=cfg.rollout.group_size, sampling=_grpo_sampling(cfg), seed=99).completions]
+    # the plain engine stays up: each GRPO row is timed beside it, run for run
 
     for kind in args.kinds:
         kcfg = dataclasses.replace(cfg, drafter=dataclasses.replace(cfg.drafter, kind=kind, num_speculative_tokens=max(args.ks)))
@@ -153,40 +157,70 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
                 result.cells.append(cell)
                 alpha = alpha_from_accept_len(acc.accept_len, k)
                 alphas.append(alpha)
-                model.observe([len(c.token_ids) for c in gen.completions], alpha, k, secs, True)
                 log(f"[{name}] {kind} k={k} b={b}: accept {cell.accept_len:.2f}, c {cell.c_ratio:.2f}, speedup {cell.speedup:.2f}x")
         alpha = statistics.median(a for a in alphas if a == a)
         fixed = max(k for k in args.ks if k <= 3)
         engine.set_k_schedule([(1, kcfg.rollout.max_num_seqs, fixed)])
-        t_fixed, g_fixed = _time_grpo(engine, grpo_prompts, cfg, args.repeats)
-        grpo_lengths = [len(c.token_ids) for c in grpo_gen.completions]
+        at_fixed = _time_grpo_beside(plain, engine, grpo_prompts, cfg, args.repeats)
+        model = _calibrated(_cell_rows([c for c in result.cells if c.kind in ("none", kind)]))  # what a run with this drafter learns
         auto = list(model.best_k_schedule(alpha, range(1, kcfg.rollout.max_num_seqs + 1), ks=tuple(sorted({0, *args.ks})), lengths=grpo_lengths))
         engine.set_k_schedule(auto)
-        t_auto, g_auto = _time_grpo(engine, grpo_prompts, cfg, args.repeats)
+        at_auto = _time_grpo_beside(plain, engine, grpo_prompts, cfg, args.repeats)
+        g_fixed, g_auto = at_fixed["gen"], at_auto["gen"]
         result.grpo[kind] = {
-            "plain_s": grpo_plain, "fixed_k": fixed, "fixed_s": t_fixed, "auto_schedule": auto, "auto_s": t_auto,
-            "tokens": grpo_gen.num_tokens, "max_len": max(len(c.token_ids) for c in grpo_gen.completions),
+            "plain_s": at_auto["plain_s"], "fixed_k": fixed, "fixed_s": at_fixed["spec_s"], "fixed_vs_plain": at_fixed["ratio"],
+            "auto_schedule": auto, "auto_s": at_auto["spec_s"], "auto_vs_plain": at_auto["ratio"],
+            "auto_vs_plain_range": [at_auto["ratio_min"], at_auto["ratio_max"]],
+            "tokens": g_auto.num_tokens, "max_len": max(len(c.token_ids) for c in g_auto.completions),
             "accept_fixed": g_fixed.acceptance.accept_len, "accept_auto": g_auto.acceptance.accept_len if g_auto.acceptance.drafts else float("nan"),
         }
         engine.close()
+    plain.close()
     predict_cells(result)
     return result
 
 
-def predict_cells(result: TargetResult) -> None:
-    """Calibrate a cost model on all of a target's cells (each sequence runs the full token budget,
-    so a cell's lengths are tokens / batch) and set every speculative cell's predicted speedup from
-    its measured acceptance."""
-    from codraft.costmodel import CostModel, alpha_from_accept_len
+def _cell_rows(cells: list[Cell]) -> list[tuple[Cell, list[int], float]]:
+    """(cell, its sequences' lengths, its alpha): each sequence runs the full token budget."""
+    from codraft.costmodel import alpha_from_accept_len
+
+    return [(c, [round(c.tokens / c.batch)] * c.batch, alpha_from_accept_len(c.accept_len, c.k) if c.k else float("nan")) for c in cells]
+
+
+def _calibrated(rows):
+    from codraft.costmodel import CostModel
 
     model = CostModel()
-    cells = [(c, [round(c.tokens / c.batch)] * c.batch, alpha_from_accept_len(c.accept_len, c.k) if c.k else float("nan")) for c in result.cells]
-    for c, lengths, alpha in cells:
+    for c, lengths, alpha in rows:
         model.observe(lengths, alpha, c.k, c.seconds, c.kind != "none")
-    for c, lengths, alpha in cells:
-        if c.kind != "none":
-            c.predicted = model.predict_gen_s(lengths, float("nan"), 0) / model.predict_gen_s(lengths, alpha, c.k)
-    result.grpo["cost_model"] = dataclasses.asdict(model.costs)
+    return model
+
+
+def _predicted_speedup(model, lengths, alpha, k) -> float:
+    return model.predict_gen_s(lengths, float("nan"), 0) / model.predict_gen_s(lengths, alpha, k)
+
+
+def predict_cells(result: TargetResult) -> None:
+    """Per drafter kind, calibrate a cost model on the target's plain cells and that kind's cells (a
+    run's controller only ever times its own drafter: its costs are the drafter's), and set every
+    speculative cell's predicted speedup from its measured acceptance. Also predict each cell from a
+    model calibrated without it (`loo`, leave one out): what the model forecasts for a cell it has
+    not seen."""
+    plain = [c for c in result.cells if c.kind == "none"]
+    result.grpo["cost_model"] = {}
+    for kind in dict.fromkeys(c.kind for c in result.cells if c.kind != "none"):
+        rows = _cell_rows(plain + [c for c in result.cells if c.kind == kind])
+        model = _calibrated(rows)
+        for i, (c, lengths, alpha) in enumerate(rows):
+            if c.kind != "none":
+                c.predicted = _predicted_speedup(model, lengths, alpha, c.k)
+                c.loo = _predicted_speedup(_calibrated(rows[:i] + rows[i + 1:]), lengths, alpha, c.k)
+        result.grpo["cost_model"][kind] = dataclasses.asdict(model.costs)
+
+
+def prediction_errors(cells: list[Cell], field: str = "predicted") -> list[float]:
+    """|predicted - measured| / measured over the speculative cells that have a prediction."""
+    return [abs(getattr(c, field) - c.speedup) / c.speedup for c in cells if c.k and getattr(c, field) == getattr(c, field)]
 
 
 def load_results(path: Path) -> list[TargetResult]:
@@ -202,15 +236,28 @@ def _grpo_batch(cfg, tok):
     return [{"ids": tok(r["prompt"], add_special_tokens=False).input_ids} for r in list(train)[: cfg.rollout.prompts_per_step]]
 
 
-def _time_grpo(engine, prompts, cfg, repeats):
+def _grpo_sampling(cfg):
     from codraft.engine import Sampling
 
-    times, gen = [], None
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        gen = engine.generate(prompts, n=cfg.rollout.group_size, sampling=Sampling(cfg.rollout.temperature, 1.0, cfg.rollout.max_new_tokens), seed=100 + r)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), gen
+    return Sampling(cfg.rollout.temperature, 1.0, cfg.rollout.max_new_tokens)
+
+
+def _time_grpo_beside(plain, engine, prompts, cfg, repeats) -> dict:
+    """One GRPO rollout batch on `engine` and on the plain engine, alternated run by run (after an
+    untimed run of each), so that both see the same load on a shared machine. Returns the medians
+    and the median of the per-run ratios plain / engine, with their range."""
+    runs = {"plain": [], "spec": []}
+    gen = None
+    for r in range(-1, repeats):
+        for name, eng in (("plain", plain), ("spec", engine)):
+            t0 = time.perf_counter()
+            out = eng.generate(prompts, n=cfg.rollout.group_size, sampling=_grpo_sampling(cfg), seed=100 + r)
+            if r >= 0:
+                runs[name].append(time.perf_counter() - t0)
+                gen = out if name == "spec" else gen
+    ratios = [p / q for p, q in zip(runs["plain"], runs["spec"])]
+    return {"plain_s": statistics.median(runs["plain"]), "spec_s": statistics.median(runs["spec"]),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "gen": gen}
 
 
 def print_tables(results: list[TargetResult]) -> None:
@@ -220,25 +267,31 @@ def print_tables(results: list[TargetResult]) -> None:
     console = Console(width=160)
     for res in results:
         table = Table(title=f"{res.name} target ({res.parameters / 1e6:.1f}M parameters): tokens/s and speedup over plain decoding")
-        for col in ("kind", "k", "batch", "tokens/s", "accept len", "c = draft/target", "speedup", "cost model", "error"):
+        for col in ("kind", "k", "batch", "tokens/s", "accept len", "c = draft/target", "speedup", "cost model", "error", "left out", "error"):
             table.add_column(col, justify="right")
         for c in res.cells:
-            err = f"{(c.predicted - c.speedup) / c.speedup:+.0%}" if c.predicted == c.predicted else ""
+            def shown(p):
+                return (f"{p:.2f}x", f"{(p - c.speedup) / c.speedup:+.0%}") if c.k and p == p else ("", "")
             table.add_row(c.kind, str(c.k), str(c.batch), f"{c.tokens / c.seconds:.0f}", f"{c.accept_len:.2f}" if c.k else "",
-                          f"{c.c_ratio:.2f}" if c.k else "", f"{c.speedup:.2f}x" if c.k else "", f"{c.predicted:.2f}x" if c.k else "", err)
+                          f"{c.c_ratio:.2f}" if c.k else "", f"{c.speedup:.2f}x" if c.k else "", *shown(c.predicted), *shown(c.loo))
         console.print(table)
-        grpo = Table(title=f"{res.name}: one GRPO rollout batch (natural lengths, long tail included), seconds")
-        for col in ("kind", "plain", "fixed k", "fixed", "auto schedule", "auto", "auto vs plain"):
+        grpo = Table(title=f"{res.name}: one GRPO rollout batch (natural lengths, long tail included), seconds; "
+                           "speedups are medians of run-by-run ratios to a plain engine timed alternately")
+        for col in ("kind", "plain", "fixed k", "fixed", "fixed vs plain", "auto schedule", "auto", "auto vs plain", "range"):
             grpo.add_column(col, justify="right")
         for kind, g in res.grpo.items():
             if kind == "cost_model":
                 continue
             sched = ",".join(f"{lo}-{hi}:{k}" for lo, hi, k in g["auto_schedule"])
-            grpo.add_row(kind, f"{g['plain_s']:.2f}", str(g["fixed_k"]), f"{g['fixed_s']:.2f}", sched, f"{g['auto_s']:.2f}", f"{g['plain_s'] / g['auto_s']:.2f}x")
+            lo, hi = g.get("auto_vs_plain_range", ["", ""])  # files written before the paired timing lack these
+            grpo.add_row(kind, f"{g['plain_s']:.2f}", str(g["fixed_k"]), f"{g['fixed_s']:.2f}", f"{g.get('fixed_vs_plain', g['plain_s'] / g['fixed_s']):.2f}x",
+                         sched, f"{g['auto_s']:.2f}", f"{g.get('auto_vs_plain', g['plain_s'] / g['auto_s']):.2f}x", f"{lo:.2f}-{hi:.2f}" if lo != "" else "")
         console.print(grpo)
-        errors = [abs(c.predicted - c.speedup) / c.speedup for c in res.cells if c.k and c.predicted == c.predicted]
-        if errors:
-            console.print(f"cost-model error over {len(errors)} cells: median {statistics.median(errors):.0%}, max {max(errors):.0%}, within 15%: {sum(e <= 0.15 for e in errors)}/{len(errors)}")
+        for field, what in (("predicted", "calibrated on all of its kind's cells"), ("loo", "each cell left out of the calibration that predicts it")):
+            errors = prediction_errors(res.cells, field)
+            if errors:
+                console.print(f"cost-model error over {len(errors)} cells, {what}: median {statistics.median(errors):.0%}, max {max(errors):.0%}, "
+                              f"within 15%: {sum(e <= 0.15 for e in errors)}/{len(errors)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -381,7 +381,7 @@ def test_compare_rewards_statistics():
     assert shifted["ci_low"] > 0
 
 
-def test_bench_refit_recovers_the_speedups_of_a_known_cost_model(tmp_path):
+def test_bench_refit_recovers_the_speedups_of_a_known_cost_model(tmp_path, capsys):
     """Cells timed by a known cost model: refitting from the saved JSON predicts every measured speedup."""
     from analysis.bench_rollout import load_results, main, predict_cells
     from codraft.costmodel import CostModel, StepCosts, tokens_per_verify
@@ -397,11 +397,20 @@ def test_bench_refit_recovers_the_speedups_of_a_known_cost_model(tmp_path):
             cells.append({"target": "t", "kind": "eagle3", "k": k, "batch": b, "seconds": secs, "tokens": tokens * b,
                           "accept_len": tokens_per_verify(alpha, k), "speedup": plain / secs})
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps([{"name": "t", "parameters": 1, "cells": cells, "grpo": {}}]))
+    grpo = {  # a row timed beside a plain engine, and one from a file written before that
+        "eagle3": {"plain_s": 2.0, "fixed_k": 3, "fixed_s": 3.0, "fixed_vs_plain": 0.66, "auto_schedule": [[1, 64, 0]], "auto_s": 2.1,
+                   "auto_vs_plain": 0.97, "auto_vs_plain_range": [0.9, 1.05]},
+        "mtp": {"plain_s": 2.0, "fixed_k": 3, "fixed_s": 4.0, "auto_schedule": [[1, 4, 1], [5, 64, 0]], "auto_s": 2.5},
+    }
+    path.write_text(json.dumps([{"name": "t", "parameters": 1, "cells": cells, "grpo": grpo}]))
     (result,) = load_results(path)
     predict_cells(result)
     spec = [c for c in result.cells if c.kind != "none"]
     assert len(spec) == 12
     for c in spec:
         assert c.predicted == pytest.approx(c.speedup, rel=0.02), (c.k, c.batch)
+        assert c.loo == pytest.approx(c.speedup, rel=0.05), (c.k, c.batch)  # forecast from the other cells
     assert main(["--refit", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "0.97x" in table and "0.90-1.05" in table  # paired median and range
+    assert "0.50x" in table and "0.80x" in table  # older rows: ratio of the medians
