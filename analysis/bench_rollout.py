@@ -116,7 +116,8 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
     from codraft.vllm_engine import VLLMEngine
     from codraft.warmstart import initial_drafter
 
-    # the plain engine stays up beside each speculative one: on a GPU each takes 40% of its memory
+    # the plain engine stays up beside each speculative one (each GRPO row is timed alternately with
+    # it): on a GPU each takes 40% of its memory
     overrides = (LARGE if name == "large" else []) + [f"rollout.enforce_eager={str(args.eager).lower()}", f"rollout.max_num_seqs={max(args.batches + (64,))}",
                                                       "rollout.gpu_memory_utilization=0.4"]
     cfg = load_config(args.preset, overrides=overrides)
@@ -136,7 +137,6 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
         result.cells.append(Cell(name, "none", 0, b, secs, gen.num_tokens))
     grpo_prompts = [p["ids"] for p in _grpo_batch(cfg, tok)]
     grpo_lengths = [len(c.token_ids) for c in plain.generate(grpo_prompts, n=cfg.rollout.group_size, sampling=_grpo_sampling(cfg), seed=99).completions]
-    # the plain engine stays up: each GRPO row is timed beside it, run for run
 
     for kind in args.kinds:
         kcfg = dataclasses.replace(cfg, drafter=dataclasses.replace(cfg.drafter, kind=kind, num_speculative_tokens=max(args.ks)))
@@ -247,17 +247,15 @@ def _time_grpo_beside(plain, engine, prompts, cfg, repeats) -> dict:
     untimed run of each), so that both see the same load on a shared machine. Returns the medians
     and the median of the per-run ratios plain / engine, with their range."""
     runs = {"plain": [], "spec": []}
-    gen = None
     for r in range(-1, repeats):
         for name, eng in (("plain", plain), ("spec", engine)):
             t0 = time.perf_counter()
-            out = eng.generate(prompts, n=cfg.rollout.group_size, sampling=_grpo_sampling(cfg), seed=100 + r)
+            gen = eng.generate(prompts, n=cfg.rollout.group_size, sampling=_grpo_sampling(cfg), seed=100 + r)
             if r >= 0:
                 runs[name].append(time.perf_counter() - t0)
-                gen = out if name == "spec" else gen
     ratios = [p / q for p, q in zip(runs["plain"], runs["spec"])]
     return {"plain_s": statistics.median(runs["plain"]), "spec_s": statistics.median(runs["spec"]),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "gen": gen}
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "gen": gen}  # the last run: the engine's
 
 
 def print_tables(results: list[TargetResult]) -> None:

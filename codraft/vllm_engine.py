@@ -175,9 +175,7 @@ def _set_drafting(worker, enabled: bool) -> bool:
         runner.__dict__.pop("propose_draft_token_ids", None)
         return True
 
-    def propose_draft_token_ids(*args, **kwargs):
-        runner._draft_probs = None
-        runner._draft_prob_req_ids = None
+    def propose_draft_token_ids(*args, **kwargs):  # sample_tokens has already cleared the draft state
         return torch.empty(runner.input_batch.num_reqs, 0, device=runner.device, dtype=torch.int64)
 
     runner.propose_draft_token_ids = propose_draft_token_ids
