@@ -74,11 +74,13 @@ def cmd_run(args: RunArgs) -> int:
     if str(out) != cfg.output.dir:
         cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out)))
     run = Run(cfg, out, resume=args.resume is not None)
+    finished = False
     try:
         records = run.train()
+        finished = True
     finally:
         run.close()
-        shutdown()  # leave the torchrun process group, if any
+        shutdown(drain=finished)  # leave the torchrun process group, if any
     if not run.is_main:
         return 0
     table = Table(title=f"codraft run: {out}")

@@ -92,9 +92,18 @@ def init_from_env(cfg: DistConfig = DistConfig()) -> DistState:
     return DistState(rank, world_size, local_rank, device)
 
 
-def shutdown() -> None:
-    """Leave the process group (if one was created)."""
+def shutdown(drain: bool = True) -> None:
+    """Leave the process group (if one was created).
+
+    drain: first wait at a barrier (gloo's waits for every collective queued before it). A gloo
+    group destroyed while a collective is still queued deadlocks: its destructor, called with the
+    GIL held (from `destroy_process_group` or from a DDP reducer that outlives it), waits for the
+    queue to empty, and the worker thread finishing that collective waits for the GIL to free its
+    tensors (seen in the two-rank DDP test). Pass False when leaving on an error: the other ranks
+    may never reach the barrier."""
     if dist.is_initialized():
+        if drain:
+            dist.barrier()
         dist.destroy_process_group()
 
 

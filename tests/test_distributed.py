@@ -68,6 +68,7 @@ def _rank_main(rank: int, world: int, port: int, strategy: str, out: str) -> Non
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     state = init_from_env(DistConfig(strategy=strategy, timeout_minutes=2))
+    finished = False
     try:
         results = {}
         for name, cfg, use_ref, rank_lora in SCENARIOS:
@@ -79,8 +80,9 @@ def _rank_main(rank: int, world: int, port: int, strategy: str, out: str) -> Non
             results[name] = {"stats": stats, "old_logp": scored.old_logp, "weights": full_state_dict(policy, state)}
         if state.is_main:
             torch.save(results, out)
+        finished = True
     finally:
-        shutdown()
+        shutdown(drain=finished)
 
 
 def free_port() -> int:
