@@ -19,6 +19,8 @@ from scipy.optimize import brentq
 from scipy.special import ndtr
 from scipy.stats import lognorm
 
+from codraft.costmodel import alpha_from_accept_len, tokens_per_verify
+
 # ----------------------------------------------------------------------------------------------
 # Hardware: per-GPU figures from vendor datasheets (dense BF16, i.e. without 2:4 sparsity)
 # ----------------------------------------------------------------------------------------------
@@ -140,21 +142,9 @@ MODELS: dict[str, ModelSpec] = {
 # ----------------------------------------------------------------------------------------------
 
 
-def tokens_per_verify(alpha: float, k: int) -> float:
-    """Mean tokens one verify step emits with per-token acceptance `alpha` and `k` drafted tokens:
-    1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha) (Leviathan et al. 2023)."""
-    if alpha >= 1.0:
-        return float(k + 1)
-    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
-
-
 def alpha_for_accept_len(accept_len: float, k: int) -> float:
-    """Per-token acceptance that gives mean acceptance length `accept_len` at `k` (inverse of the above)."""
-    if not 1.0 <= accept_len <= k + 1:
-        raise ValueError(f"acceptance length {accept_len} is outside [1, k+1 = {k + 1}]")
-    if accept_len >= k + 1 - 1e-12:
-        return 1.0
-    return brentq(lambda a: tokens_per_verify(a, k) - accept_len, 0.0, 1.0 - 1e-12)
+    """Per-token acceptance that gives mean acceptance length `accept_len` at `k` (refuses lengths outside [1, k + 1])."""
+    return alpha_from_accept_len(accept_len, k, strict=True)
 
 
 @dataclass(frozen=True)

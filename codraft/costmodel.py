@@ -28,10 +28,12 @@ gently toward priors (DESIGN.md's compiled 25M-target CPU figures) so it is usab
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import astuple, dataclass
 from typing import Any, Iterable, Sequence
+
+import numpy as np
+from scipy.optimize import brentq, nnls
 
 KSchedule = int | tuple[tuple[int, int, int], ...]
 """k for every running batch size (an int), or inclusive (lo, hi, k) ranges; uncovered sizes use k = 0."""
@@ -47,19 +49,19 @@ def tokens_per_verify(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def alpha_from_accept_len(accept_len: float, k: int) -> float:
-    """The alpha with tokens_per_verify(alpha, k) == accept_len (bisection); clamped to [0, 1], NaN if unknown."""
+def alpha_from_accept_len(accept_len: float, k: int, strict: bool = False) -> float:
+    """The alpha with tokens_per_verify(alpha, k) == accept_len (scipy's brentq); NaN if unknown.
+
+    Outside [1, k + 1] the value is clamped to 0 or 1, or, with `strict`, refused (ValueError)."""
     if math.isnan(accept_len) or k <= 0:
         return math.nan
+    if strict and not 1.0 <= accept_len <= k + 1:
+        raise ValueError(f"acceptance length {accept_len} is outside [1, k+1 = {k + 1}]")
     if accept_len <= 1.0:
         return 0.0
-    if accept_len >= k + 1:
+    if accept_len >= k + 1 - 1e-12:
         return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(60):  # tokens_per_verify increases with alpha; 2^-60 is below float resolution
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if tokens_per_verify(mid, k) < accept_len else (lo, mid)
-    return 0.5 * (lo + hi)
+    return float(brentq(lambda a: tokens_per_verify(a, k) - accept_len, 0.0, 1.0, xtol=1e-15))
 
 
 def k_at(k_schedule: KSchedule, b: int) -> int:
@@ -171,27 +173,15 @@ class CostModel:
         self.costs = self._fit()
 
     def _fit(self) -> StepCosts:
-        """Minimise sum (profile . theta - seconds)^2 + w^2 * sum (theta_j / prior_j - 1)^2 over theta >= 0.
-        Solved in units of the priors (u_j = theta_j / prior_j), exactly, by trying every active set."""
-        prior = astuple(self.prior)
-        w2 = self.config.prior_weight**2
-        n = len(prior)
-        rows = [[x * p for x, p in zip(r[:n], prior)] for r in self.records]  # seconds per unit of u
-        gram = [[sum(r[i] * r[j] for r in rows) + (w2 if i == j else 0.0) for j in range(n)] for i in range(n)]
-        rhs = [sum(r[i] * rec[n] for r, rec in zip(rows, self.records)) + w2 for i in range(n)]
-        best_u, best_obj = [1.0] * n, math.inf
-        for size in range(n + 1):
-            for free in itertools.combinations(range(n), size):
-                sub = _solve([[gram[i][j] for j in free] for i in free], [rhs[i] for i in free])
-                u = [0.0] * n
-                for i, v in zip(free, sub):
-                    u[i] = v
-                if min(u) < 0:
-                    continue
-                obj = sum(u[i] * gram[i][j] * u[j] for i in range(n) for j in range(n)) - 2 * sum(x * y for x, y in zip(u, rhs))
-                if obj < best_obj:
-                    best_u, best_obj = u, obj
-        return StepCosts(*(u * p for u, p in zip(best_u, prior)))
+        """Minimise sum (profile . theta - seconds)^2 + w^2 * sum (theta_j / prior_j - 1)^2 over theta >= 0:
+        non-negative least squares (scipy) in units of the priors (u_j = theta_j / prior_j), the prior
+        pull as w-weighted rows u_j = 1 under the data rows."""
+        prior = np.array(astuple(self.prior))
+        w = self.config.prior_weight
+        data = np.array([r[: len(prior)] for r in self.records], dtype=float).reshape(-1, len(prior)) * prior  # seconds per unit of u
+        seconds = np.array([r[len(prior)] for r in self.records], dtype=float)
+        u, _ = nnls(np.vstack([data, w * np.eye(len(prior))]), np.concatenate([seconds, np.full(len(prior), w)]))
+        return StepCosts(*(float(x) for x in u * prior))
 
     def time_per_token(self, alpha: float, k: int, b: int) -> float:
         """Seconds per emitted token at running batch size b."""
@@ -244,19 +234,3 @@ class CostModel:
             return
         self.costs = StepCosts(*state["costs"])
         self.records = [tuple(r) for r in state["records"]]
-
-
-def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Solve a x = b for a small symmetric positive-definite a (Gaussian elimination, partial pivoting)."""
-    n = len(b)
-    m = [row[:] + [rhs] for row, rhs in zip(a, b)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(col + 1, n):
-            f = m[r][col] / m[col][col]
-            m[r] = [x - f * y for x, y in zip(m[r], m[col])]
-    x = [0.0] * n
-    for r in reversed(range(n)):
-        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
-    return x
