@@ -60,7 +60,7 @@ def cmd_check_lossless(args: LosslessArgs) -> int:
     else:
         train_ids = [tok(p, add_special_tokens=False).input_ids for p in train["prompt"]]
         drafter, path = initial_drafter(cfg, policy, train_ids, policy_dir, tok.eos_token_id, tok.pad_token_id)
-    from codraft.engine import make_engine
+    from codraft.engines import make_engine
 
     plain = make_engine(cfg, policy_dir)
     spec = make_engine(cfg, policy_dir, drafter, path)

@@ -139,7 +139,7 @@ class RolloutConfig:
     max_num_seqs: int = 256
     """Most sequences the engine runs at once."""
     cpu_rejection_fix: bool = True
-    """CPU backend: replace vLLM's broken per-token expansion in the rejection sampler (see codraft/cpu_fixes.py).
+    """CPU backend: replace vLLM's broken per-token expansion in the rejection sampler (see codraft/vllm_compat.py).
     Turn off only to demonstrate the bug."""
 
 

@@ -1,5 +1,6 @@
 """The rollout engine interface: sample completions, take new policy weights in place.
 
+    from codraft.engines import make_engine                     # backends are chosen by name there
     engine = make_engine(cfg, policy_dir)                       # built once per run
     engine.load_policy_weights(model.state_dict().items())       # each step, no restart
     gen = engine.generate(prompt_ids, n=8, sampling=Sampling(temperature=1.0, max_new_tokens=128), seed=step)
@@ -51,7 +52,15 @@ def request_seeds(seed: int, count: int) -> list[int]:
 
 
 class RolloutEngine(abc.ABC):
-    """Generates rollouts for a policy whose weights change every step."""
+    """Generates rollouts for a policy whose weights change every step. A backend registers itself
+    in `codraft.engines.ENGINES` under the name `rollout.backend` gives."""
+
+    @classmethod
+    def build(cls, cfg, policy_dir: Path, drafter=None, drafter_dir: Path | None = None, k_schedule=None) -> RolloutEngine:
+        """The engine serving `policy_dir` for a run configured by `cfg`, speculating with `drafter`
+        (exported at `drafter_dir`) when given, with k by running batch size from `k_schedule`
+        (inclusive (lo, hi, k) ranges) where the backend supports it."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], n: int, sampling: Sampling, seed: int) -> Generation:
@@ -67,20 +76,3 @@ class RolloutEngine(abc.ABC):
 
     def close(self) -> None:
         """Release the engine's resources."""
-
-
-def make_engine(cfg, policy_dir: Path, drafter=None, drafter_dir: Path | None = None, k_schedule=None) -> RolloutEngine:
-    """The configured engine (`rollout.backend`) serving `policy_dir`, speculating with `drafter`
-    (exported at `drafter_dir`) when given."""
-    if cfg.rollout.backend == "vllm":
-        from codraft.vllm_engine import VLLMEngine
-
-        if drafter is None:
-            return VLLMEngine(cfg, policy_dir)
-        spec = drafter.speculative_config(drafter_dir, cfg.drafter.num_speculative_tokens)
-        if k_schedule:
-            spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in k_schedule]
-        return VLLMEngine(cfg, policy_dir, speculative=spec, target_overrides=drafter.target_overrides())
-    from codraft.reference_engine import ReferenceEngine
-
-    return ReferenceEngine(cfg, policy_dir, drafter_runtime=drafter)

@@ -18,6 +18,7 @@ import torch
 from codraft.acceptance import AcceptanceStats
 from codraft.drafter import Drafter, Features, target_parts
 from codraft.engine import Completion, Generation, RolloutEngine, Sampling, request_seeds
+from codraft.engines import ENGINES
 from codraft.spec_reference import one_hot_drafts, sample_from, speculative_step
 
 
@@ -34,7 +35,14 @@ def processed_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return probs
 
 
+@ENGINES.register("reference")
 class ReferenceEngine(RolloutEngine):
+    @classmethod
+    def build(cls, cfg, policy_dir: Path, drafter=None, drafter_dir: Path | None = None, k_schedule=None) -> ReferenceEngine:
+        """Speculates with the drafter's own modules (`drafter_dir` unused); k is fixed
+        (`drafter.num_speculative_tokens`), so `k_schedule` is ignored."""
+        return cls(cfg, policy_dir, drafter_runtime=drafter)
+
     def __init__(self, cfg, policy_dir: Path, drafter_runtime: Drafter | None = None, probabilistic_drafts: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

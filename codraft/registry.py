@@ -9,8 +9,8 @@
     TASKS.get("arithm")       # KeyError: unknown task 'arithm'; known: arith, countdown, gsm8k
 
 A name can be registered once; a second registration of the same name is an error. Plug-in
-packages (`drafters`, `schedulers`) are imported on first lookup, so the core never imports a
-particular plug-in module itself.
+packages (`drafters`, `schedulers`) and fixed lists of plug-in modules (`plugin_modules`, the rollout
+backends) are imported on first lookup, so the core never imports a particular plug-in module itself.
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, plugin_package: str | None = None):
+    def __init__(self, kind: str, plugin_package: str | None = None, plugin_modules: tuple[str, ...] = ()):
         self.kind = kind
         self.plugin_package = plugin_package
+        self.plugin_modules = tuple(plugin_modules)  # modules (by name) that register themselves when imported
         self._items: dict[str, type[T]] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
@@ -45,6 +46,8 @@ class Registry(Generic[T]):
     def _load_plugins(self) -> None:
         if self.plugin_package:
             importlib.import_module(self.plugin_package)
+        for module in self.plugin_modules:
+            importlib.import_module(module)
 
     def get(self, name: str) -> type[T]:
         self._load_plugins()

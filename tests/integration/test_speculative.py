@@ -43,7 +43,7 @@ def plain(tiny_cfg, tiny_policy_dir):
 @pytest.fixture(scope="module", params=KINDS)
 def served(request, tiny_cfg, tiny_policy_dir, setup):
     """(kind, drafter, engine) for each kind: warm-started (cached), exported, served by vLLM."""
-    from codraft.engine import make_engine
+    from codraft.engines import make_engine
     from codraft.warmstart import initial_drafter
 
     cfg = kind_cfg(tiny_cfg, request.param)
@@ -60,6 +60,7 @@ def test_acceptance_counts_add_up_and_match_teacher_forcing(served, setup):
     from codraft.warmstart import record_examples
 
     kind, drafter, eng = served
+    assert eng.hooks["plain_sampling_without_drafts"] and eng.hooks.get("apply_rejection_fix", False) == eng.cpu
     gen = eng.generate(setup["held"], n=8, sampling=Sampling(1.0, 1.0, 48), seed=3)
     acc = gen.acceptance
     assert acc.drafts > 0 and acc.draft_tokens == K * acc.drafts
@@ -114,7 +115,7 @@ def test_k_schedule_drafts_only_where_k_is_positive_and_all_zero_turns_the_draft
         assert 0 < tail.drafts < before.drafts and eng.drafting
 
         eng.set_k_schedule([(1, top, 0)])
-        assert not eng.drafting
+        assert not eng.drafting and eng.hooks["set_k_table"] and eng.hooks["set_drafting"]
         eng.llm.collective_rpc(_count_drafter_forwards, args=(True,))
         off = eng.generate(prompts, n=4, sampling=sampling, seed=5)
         assert off.acceptance.drafts == 0 and off.num_tokens > 0
@@ -155,7 +156,7 @@ def test_planted_bias_is_caught_only_without_the_cpu_fix(tiny_cfg, tiny_policy_d
     try:
         fixed = check_lossless(plain, eng, setup["held"][:6], samples_per_prompt=160, positions=10, alpha=0.01, seed=11)
         assert fixed.passed, f"min p {fixed.min_p:.2e}"  # exactness holds for any drafter
-        eng.set_cpu_fix(False)  # vLLM's own CPU kernel: per-token temperatures left uninitialised
+        assert eng.set_cpu_fix(False) and not eng.hooks["apply_rejection_fix"]  # vLLM's own CPU kernel: per-token temperatures left uninitialised
         broken = check_lossless(plain, eng, setup["held"][:6], samples_per_prompt=160, positions=10, alpha=0.01, seed=11)
         assert not broken.passed and broken.min_p < 1e-6
     finally:

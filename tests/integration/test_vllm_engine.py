@@ -43,6 +43,7 @@ def test_weight_sync_changes_engine_logprobs(engine, tiny_policy_dir):
     assert (before - target).abs().max() > 0.5  # the perturbation is visible before the sync
 
     engine.load_policy_weights(model.state_dict().items())
+    assert engine.hooks["reload_policy"]
     after = torch.tensor(engine.prompt_logprobs(ids))
     assert (after - target).abs().max() < 0.1
     assert (after - target).abs().mean() < 0.02
@@ -64,6 +65,7 @@ def test_generation_is_seeded_and_grouped(engine, tiny_cfg):
     assert len({tuple(c.token_ids) for c in a.completions}) > 1  # samples of a group differ
     for c in a.completions:
         assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
+    assert "apply_rejection_fix" not in engine.hooks and "plain_sampling_without_drafts" not in engine.hooks  # speculation only
 
 
 def test_two_step_grpo_run_writes_outputs(tiny_cfg, tmp_path):
