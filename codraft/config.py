@@ -70,34 +70,21 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "arith"
-    """Task: `arith` (multi-step arithmetic), `countdown` (reach a target number), `gsm8k` (local file)."""
+    """Task, by registered name: `arith` (multi-step arithmetic), `countdown`, `reverse`, `gsm8k` (local
+    file), ... (`codraft.task.describe_tasks` lists them with their settings)."""
     seed: int = 0
     """Seed of the synthetic problems (fixed across run seeds, so runs share prompts and testbed)."""
-    path: str = ""
-    """`gsm8k`: local JSONL or Parquet file with `question` and `answer` ending in `#### <number>`."""
-    eval_path: str = ""
-    """`gsm8k`: optional separate held-out file (otherwise the last `num_eval` rows are held out)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """The task's own settings (`task.args.<field>`, e.g. `task.args.max_ops=6`, `task.args.path=...`)."""
     num_train: int = 4000
     """Training prompts (synthetic tasks generate this many)."""
     num_eval: int = 64
     """Held-out evaluation prompts, disjoint from training prompts."""
-    min_ops: int = 2
-    """Synthetic tasks: fewest operations in a problem."""
-    max_ops: int = 12
-    """Synthetic tasks: most operations in a problem (longer problems give longer worked solutions)."""
-    ops_decay: float = 0.8
-    """Synthetic tasks: P(n ops) is proportional to ops_decay ** (n - min_ops), a long tail of long problems."""
-    max_operand: int = 9
-    """Synthetic tasks: largest operand."""
-    max_value: int = 9
-    """`arith`: the running value stays within 0..max_value (operations are chosen to keep it there)."""
-    careful_share: float = 0.1
-    """`arith` warm-start data: share of solutions in the careful, verbose style (the rest are terse)."""
-    terse_error: float = 0.15
-    """`arith` warm-start data: chance that a terse step's result is off by one (careful steps: a tenth of it)."""
     mix_task: str = ""
     """A second task whose prompts join training part-way through (a data-mixture shift; empty = none).
     The policy is warm-started on both; the drafter only on the main task's rollouts."""
+    mix_args: dict[str, Any] = field(default_factory=dict)
+    """The second task's own settings (`task.mix_args.<field>`)."""
     mix_share: float = 0.5
     """Share of training prompts drawn from `mix_task` once it has fully entered."""
     mix_start: int = 10
@@ -177,19 +164,15 @@ class GRPOConfig:
 @dataclass(frozen=True)
 class DrafterConfig:
     kind: str = "none"
-    """Drafter kind: `none` (no speculation) or a registered drafter (`eagle3`, `mtp`, `draft_model`)."""
+    """Drafter kind: `none` (no speculation) or a registered drafter kind (`codraft drafters` lists them)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """The drafter kind's own settings (`drafter.args.<field>`; `codraft drafters` lists them)."""
     num_speculative_tokens: int = 3
     """Tokens drafted per verify step (k)."""
     k_schedule: str = ""
     """k by running batch size, `lo-hi:k,...` (e.g. `1-8:3,9-1024:0`), `auto`, or empty (always k)."""
     path: str = ""
     """Start from this drafter checkpoint instead of warm-starting one."""
-    aux_layers: tuple[int, ...] = ()
-    """EAGLE-3: the three target layers whose entering residual stream is fused (empty = automatic)."""
-    draft_vocab_size: int = 0
-    """EAGLE-3: size of the reduced draft vocabulary, most frequent tokens first (0 = the target's)."""
-    num_layers: int = 1
-    """`draft_model`: decoder layers of the small draft model (1-2)."""
     warmup_steps: int = 150
     """Distillation steps of the warm start against the SFT policy."""
     lr: float = 1e-3
@@ -306,8 +289,6 @@ def validate(cfg: Config) -> None:
         ("model.sft_lr", cfg.model.sft_lr > 0, "must be > 0"),
         ("model.head_dim", cfg.model.head_dim in (32, 64, 80, 96, 112, 128, 256), "must be one of 32, 64, 80, 96, 112, 128, 256 (vLLM CPU attention)"),
         ("task.num_eval", cfg.task.num_eval >= 1, "must be >= 1"),
-        ("task.min_ops", 1 <= cfg.task.min_ops <= cfg.task.max_ops, "must be >= 1 and <= task.max_ops"),
-        ("task.ops_decay", 0 < cfg.task.ops_decay <= 1, "must be in (0, 1]"),
         ("task.mix_share", 0 <= cfg.task.mix_share <= 1, "must be in [0, 1]"),
         ("task.mix_sft_share", 0 <= cfg.task.mix_sft_share < 1, "must be in [0, 1)"),
         ("task.mix_ramp", cfg.task.mix_ramp >= 0, "must be >= 0"),

@@ -163,6 +163,19 @@ def config_from_toml(path: Path) -> Config:
 
 def section_fields(cls: type) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, docstring) per field of a config dataclass, for help output."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's docstring wins
+        docs.update(_field_docs(klass))
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out.append((f.name, _type_name(hints[f.name]), default, docs.get(f.name, "")))
+    return out
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each annotated field in `cls`'s own source."""
     import ast
     import inspect
     import textwrap
@@ -176,10 +189,4 @@ def section_fields(cls: type) -> list[tuple[str, str, Any, str]]:
                 docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
     except (OSError, TypeError, SyntaxError):
         pass
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        out.append((f.name, _type_name(hints[f.name]), default, docs.get(f.name, "")))
-    return out
-
+    return docs

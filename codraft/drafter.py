@@ -5,7 +5,7 @@ A drafter kind is one module under `drafters/`, registered by name:
     @DRAFTERS.register("eagle3")
     class Eagle3Drafter(Drafter): ...
 
-    drafter = DRAFTERS.get("eagle3").build(policy, cfg.drafter)      # fits the target's shapes
+    drafter = build_drafter(policy, cfg.drafter)                      # fits the target's shapes
     outs = drafter.unroll(features, target_parts(policy), steps=3)   # teacher-forced draft logits
     drafter.export(run_dir / "drafter")                               # config.json + model.safetensors
     engine_kwargs = drafter.speculative_config(run_dir / "drafter", k=3)
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +33,11 @@ from codraft.registry import Registry
 
 class DrafterMismatch(ValueError):
     """A drafter checkpoint that does not fit the target (shapes, vocabulary, layer ids)."""
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """A drafter kind without settings of its own."""
 
 
 @dataclass
@@ -106,12 +111,16 @@ class Drafter(nn.Module):
     """Base class of draft heads. Subclasses define the architecture, export and serving route."""
 
     name: ClassVar[str] = "drafter"
+    description: ClassVar[str] = ""  # one line for `codraft drafters`
+    Config: ClassVar[type] = NoSettings  # the kind's own settings (`drafter.args.<field>`), a frozen dataclass
     method: ClassVar[str] = ""  # vLLM speculative method that serves this kind
     aux_layers: tuple[int, ...] = ()  # target layers whose entering residual stream the head reads
     needs_last: bool = False  # whether the head reads the target's final hidden state
 
     @classmethod
-    def build(cls, policy: nn.Module, cfg: DrafterConfig) -> "Drafter":
+    def build(cls, policy: nn.Module, settings: Any, token_counts: torch.Tensor | None = None) -> "Drafter":
+        """A new drafter that fits `policy`. `settings`: an instance of `cls.Config`; `token_counts`
+        [V]: token frequencies in the policy's own samples (for kinds that reduce their vocabulary)."""
         raise NotImplementedError
 
     def unroll(self, feats: Features, target: TargetParts, steps: int) -> list[tuple[torch.Tensor, int]]:
@@ -171,6 +180,25 @@ def check_finite(weights: dict[str, torch.Tensor], where) -> None:
 
 
 DRAFTERS: Registry[Drafter] = Registry("drafter kind", plugin_package="drafters")
+
+
+def drafter_settings(cfg: DrafterConfig) -> tuple[type[Drafter], Any]:
+    """The configured kind's class and its settings from `drafter.args` (errors name the key)."""
+    from codraft.plugins import plugin_settings
+
+    return plugin_settings(DRAFTERS, cfg.kind, cfg.args, "drafter.args.")
+
+
+def build_drafter(policy: nn.Module, cfg: DrafterConfig, token_counts: torch.Tensor | None = None) -> Drafter:
+    """A new drafter of the configured kind, fitted to `policy`."""
+    cls, settings = drafter_settings(cfg)
+    return cls.build(policy, settings, token_counts=token_counts)
+
+
+def describe_drafters() -> str:
+    from codraft.plugins import describe_plugins
+
+    return describe_plugins(DRAFTERS, "codraft run --set drafter.kind=<name> --set drafter.args.<field>=<value>")
 
 
 def load_drafter(path: Path, policy: nn.Module) -> Drafter:

@@ -101,12 +101,11 @@ def check_lossless(plain: RolloutEngine, spec: RolloutEngine, prompts: list[list
 
 def biased_eagle3(policy, token: int):
     """An EAGLE-3 drafter whose draft vocabulary is the single `token`: it always proposes it."""
-    from codraft.config import DrafterConfig
     from codraft.drafter import DRAFTERS
 
     counts = torch.zeros(policy.config.vocab_size)
     counts[token] = 1.0
-    return DRAFTERS.get("eagle3").build(policy, DrafterConfig(kind="eagle3", draft_vocab_size=1), token_counts=counts)
+    return DRAFTERS.get("eagle3").build(policy, DRAFTERS.get("eagle3").Config(draft_vocab_size=1), token_counts=counts)
 
 
 def format_report(report: LosslessReport, title: str) -> str:

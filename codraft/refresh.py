@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from codraft.config import ConfigError
-from codraft.configfile import from_dict, section_fields
+from codraft.plugins import describe_plugins, plugin_settings
 from codraft.registry import Registry
 
 
@@ -126,11 +124,7 @@ REFRESH_POLICIES: Registry[RefreshPolicy] = Registry("refresh policy", plugin_pa
 
 def make_refresh_policy(name: str, args: dict[str, Any] | None = None, seed: int = 0) -> RefreshPolicy:
     """Build a registered policy, validating `args` against its Config (errors name the key)."""
-    cls = REFRESH_POLICIES.get(name)
-    try:
-        config = from_dict(cls.Config, dict(args or {}), prefix="controller.args.")
-    except ConfigError as err:
-        raise ConfigError(f"{err} (refresh policy {name!r})") from None
+    cls, config = plugin_settings(REFRESH_POLICIES, name, args, "controller.args.")
     return cls(config, seed=seed)
 
 
@@ -145,24 +139,6 @@ class RefreshLog:
     decisions: list[str] = field(default_factory=list)
 
 
-def _field_lines(config_cls: type, prefix: str = "") -> list[str]:
-    """One entry per field (nested config sections flattened to `section.field`)."""
-    hints = typing.get_type_hints(config_cls)
-    lines = []
-    for name, type_name, default, doc in section_fields(config_cls):
-        if dataclasses.is_dataclass(hints[name]):
-            lines += _field_lines(hints[name], prefix=f"{prefix}{name}.")
-            continue
-        lines.append(f"  {prefix}{name}: {type_name} = {default!r}\n      {doc}")
-    return lines
-
-
 def describe_policies() -> str:
     """Every registered refresh policy: name, one-line description, config fields with type, default and help."""
-    blocks = []
-    for name in REFRESH_POLICIES.names():
-        cls = REFRESH_POLICIES.get(name)
-        fields = _field_lines(cls.Config) or ["  (no settings)"]
-        blocks.append("\n".join([f"{name}: {cls.description}", *fields]))
-    usage = "Use: codraft run --set controller.policy=<name> --set controller.args.<field>=<value>"
-    return "\n\n".join(blocks + [usage])
+    return describe_plugins(REFRESH_POLICIES, "codraft run --set controller.policy=<name> --set controller.args.<field>=<value>")

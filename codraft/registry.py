@@ -8,14 +8,17 @@
     TASKS.get("arith")        # the class
     TASKS.get("arithm")       # KeyError: unknown task 'arithm'; known: arith, countdown, gsm8k
 
-A name can be registered once; a second registration of the same name is an error. Plug-in
-packages (`drafters`, `schedulers`) and fixed lists of plug-in modules (`plugin_modules`, the rollout
-backends) are imported on first lookup, so the core never imports a particular plug-in module itself.
+A name can be registered once; a second registration of the same name is an error. On first
+lookup the registry discovers its plug-ins: every module of its plug-in package (`drafters`,
+`schedulers`, `codraft.tasks`; found with pkgutil, so a new module needs no import line anywhere)
+and a fixed list of modules (`plugin_modules`, the rollout backends). The core never imports a
+particular plug-in module itself.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -32,6 +35,7 @@ class Registry(Generic[T]):
         self.plugin_package = plugin_package
         self.plugin_modules = tuple(plugin_modules)  # modules (by name) that register themselves when imported
         self._items: dict[str, type[T]] = {}
+        self._discovered = False
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         def decorate(cls: type[T]) -> type[T]:
@@ -44,8 +48,15 @@ class Registry(Generic[T]):
         return decorate
 
     def _load_plugins(self) -> None:
+        """Import every plug-in module once (each registers itself when imported)."""
+        if self._discovered:
+            return
+        self._discovered = True
         if self.plugin_package:
-            importlib.import_module(self.plugin_package)
+            package = importlib.import_module(self.plugin_package)
+            for info in pkgutil.iter_modules(package.__path__):
+                if not info.name.startswith("_"):
+                    importlib.import_module(f"{self.plugin_package}.{info.name}")
         for module in self.plugin_modules:
             importlib.import_module(module)
 

@@ -19,15 +19,18 @@ import math
 import os
 import random
 import time
+import logging
 from pathlib import Path
 
 import torch
 
 from codraft import precision
 from codraft.batch import make_batch, token_logprobs
-from codraft.config import Config, ModelConfig, TaskConfig
+from codraft.config import Config, ModelConfig
 from codraft.io import atomic_dir
-from codraft.tasks import MixedTask, SyntheticTask, Task, make_task
+from codraft.task import Task, make_task
+
+logger = logging.getLogger(__name__)
 
 TESTBED_VERSION = 4
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>"]
@@ -38,21 +41,13 @@ def cache_root(model_cfg: ModelConfig) -> Path:
     return Path(root)
 
 
-# task settings that only shape RL (rewards, when and how much of the mixture task enters
-# training), not the tokenizer or the supervised warm start
-RL_ONLY_TASK_FIELDS = ("mix_share", "mix_start", "mix_ramp", "answer_reward", "format_reward")
-
-
-def testbed_key(model_cfg: ModelConfig, task_cfg: TaskConfig) -> str:
+def testbed_key(model_cfg: ModelConfig, task: Task) -> str:
+    """Hash of every setting that shapes the testbed: the model's, and what identifies the task's
+    data (`Task.data_key`; settings that only shape RL, such as rewards, are not part of it)."""
     shape = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("path", "cache_dir")}
-    task = {k: v for k, v in dataclasses.asdict(task_cfg).items() if k not in RL_ONLY_TASK_FIELDS}
-    for name in ("path", "eval_path"):
-        if task[name]:
-            stat = Path(task[name]).stat()
-            task[name] = [str(Path(task[name]).resolve()), stat.st_size, stat.st_mtime_ns]
     # the warm start's matmul precision depends on the CPU (codraft.precision): a testbed built in
     # bf16 on one machine is not the one fp32 builds on another
-    blob = json.dumps({"v": TESTBED_VERSION, "model": shape, "task": task, "sft": precision.compute_dtype("cpu")}, sort_keys=True)
+    blob = json.dumps({"v": TESTBED_VERSION, "model": shape, "task": task.data_key(), "sft": precision.compute_dtype("cpu")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -146,9 +141,8 @@ def build_testbed(cfg: Config, task: Task, out: Path) -> dict:
     model_cfg = cfg.model
     train, held_out = task.splits()
     exclude = set(held_out["prompt"]) | set(train["prompt"])  # RL and held-out prompts stay unseen
-    if isinstance(task, (SyntheticTask, MixedTask)):
-        sft = task.sft_examples(max(4 * len(train), model_cfg.sft_steps * model_cfg.sft_batch_size // 4), exclude)
-    else:
+    sft = task.sft_examples(max(4 * len(train), model_cfg.sft_steps * model_cfg.sft_batch_size // 4), exclude)
+    if sft is None:  # the task warm-starts on its training rows
         sft = list(train)
     texts = [ex["prompt"] + ex["solution"] for ex in sft[:20000]] + list(held_out["prompt"])
     tokenizer = train_tokenizer(texts, model_cfg.vocab_size)
@@ -189,14 +183,16 @@ def check_checkpoint(path: Path) -> None:
         raise FileNotFoundError(f"model.path: {path} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
 
 
-def policy_source(cfg: Config, task: Task | None = None, log=print) -> Path:
-    """The initial policy's directory: `model.path`, or the cached testbed (built if missing)."""
+def policy_source(cfg: Config, task: Task | None = None, log=None) -> Path:
+    """The initial policy's directory: `model.path`, or the cached testbed (built if missing).
+    Progress goes to `log` (default: this module's logger)."""
+    log = log or logger.info
     if cfg.model.path:
         path = Path(cfg.model.path).expanduser()
         check_checkpoint(path)
         return path
     task = task or make_task(cfg.task, cfg.task.seed)
-    path = cache_root(cfg.model) / "testbed" / testbed_key(cfg.model, cfg.task)
+    path = cache_root(cfg.model) / "testbed" / testbed_key(cfg.model, task)
     if (path / "testbed.json").is_file():
         return path
     log(f"building the testbed (tokenizer + {cfg.model.num_layers}-layer Qwen3, {cfg.model.sft_steps} SFT steps) into {path}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -19,8 +20,10 @@ import torch
 from codraft.batch import make_batch
 from codraft.config import Config
 from codraft.distill import DistillExample, distill, examples_from_forward, teacher_forced_alpha
-from codraft.drafter import DRAFTERS, Drafter, features_from_forward, load_drafter, target_parts
+from codraft.drafter import Drafter, build_drafter, features_from_forward, load_drafter, target_parts
 from codraft.testbed import cache_root
+
+logger = logging.getLogger(__name__)
 
 WARMSTART_VERSION = 2  # bump when a drafter's architecture or its warm start changes
 
@@ -78,8 +81,9 @@ def drafter_key(cfg: Config, policy_dir: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def warm_drafter(cfg: Config, policy, prompts: list[list[int]], policy_dir: Path, eos_id: int, pad_id: int, log=print) -> tuple[Path, dict]:
-    """The warm-started drafter's directory (cached), and facts about its warm start."""
+def warm_drafter(cfg: Config, policy, prompts: list[list[int]], policy_dir: Path, eos_id: int, pad_id: int, log=None) -> tuple[Path, dict]:
+    """The warm-started drafter's directory (cached), and facts about its warm start (progress to `log`, default: the logger)."""
+    log = log or logger.info
     path = cache_root(cfg.model) / "drafters" / f"{cfg.drafter.kind}-{drafter_key(cfg, policy_dir)}"
     if (path / "warmstart.json").is_file():
         return path, json.loads((path / "warmstart.json").read_text())
@@ -90,7 +94,7 @@ def warm_drafter(cfg: Config, policy, prompts: list[list[int]], policy_dir: Path
     counts = torch.zeros(policy.config.vocab_size)
     for p, c in pairs:
         counts.index_add_(0, torch.tensor(p + c), torch.ones(len(p) + len(c)))
-    drafter = DRAFTERS.get(dcfg.kind).build(policy, dcfg, token_counts=counts)
+    drafter = build_drafter(policy, dcfg, token_counts=counts)
     examples = record_examples(policy, pairs, drafter, pad_id, cfg.rollout.temperature)
     held_out, train = examples[: len(examples) // 8], examples[len(examples) // 8 :]
     parts = target_parts(policy)
@@ -117,7 +121,7 @@ def warm_drafter(cfg: Config, policy, prompts: list[list[int]], policy_dir: Path
     return path, facts
 
 
-def initial_drafter(cfg: Config, policy, prompts, policy_dir: Path, eos_id: int, pad_id: int, log=print) -> tuple[Drafter, Path]:
+def initial_drafter(cfg: Config, policy, prompts, policy_dir: Path, eos_id: int, pad_id: int, log=None) -> tuple[Drafter, Path]:
     """`drafter.path` if given (checked against the policy), else the cached warm start."""
     if cfg.drafter.path:
         path = Path(cfg.drafter.path)

@@ -1,2 +1,3 @@
-"""Drafter kinds, one module each; importing this package registers them in `codraft.drafter.DRAFTERS`."""
-from drafters import draft_model, eagle3, mtp  # noqa: F401
+"""Drafter kinds, one module each, registered in `codraft.drafter.DRAFTERS`; the registry imports
+every module of this package on first lookup. How to add one: drafters/README.md.
+"""

@@ -8,15 +8,29 @@ draft position at once (shift 0: its prediction at i competes with the target's 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from codraft.config import DrafterConfig
+from codraft.config import ConfigError
 from codraft.drafter import DRAFTERS, Drafter, DrafterMismatch, Features, TargetParts, target_shape
+
+
+@dataclass(frozen=True)
+class DraftModelConfig:
+    num_layers: int = 1
+    """Decoder layers of the small draft model (1-4)."""
+
+    def validate(self, prefix: str = "drafter.args.") -> None:
+        if not 1 <= self.num_layers <= 4:
+            raise ConfigError(f"config key '{prefix}num_layers' must be in 1..4 (a draft model here has 1-4 layers), got {self.num_layers}")
 
 
 @DRAFTERS.register("draft_model")
 class DraftModelDrafter(Drafter):
+    description = "A small independent Qwen3 (1-4 layers) on the target's tokenizer; vLLM `draft_model`."
+    Config = DraftModelConfig
     method = "draft_model"
 
     def __init__(self, model: nn.Module):
@@ -24,17 +38,16 @@ class DraftModelDrafter(Drafter):
         self.model = model
 
     @classmethod
-    def build(cls, policy: nn.Module, cfg: DrafterConfig, token_counts=None) -> "DraftModelDrafter":
+    def build(cls, policy: nn.Module, settings: DraftModelConfig, token_counts=None) -> "DraftModelDrafter":
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
         s = target_shape(policy.config)
-        if not 1 <= cfg.num_layers <= 4:
-            raise DrafterMismatch(f"drafter.num_layers={cfg.num_layers}: a draft model here has 1-4 layers")
+        settings.validate()
         config = Qwen3Config(
             vocab_size=s["vocab_size"],
             hidden_size=s["hidden_size"],
             intermediate_size=s["intermediate_size"],
-            num_hidden_layers=cfg.num_layers,
+            num_hidden_layers=settings.num_layers,
             num_attention_heads=s["num_heads"],
             num_key_value_heads=s["num_kv_heads"],
             head_dim=s["head_dim"],

@@ -11,11 +11,13 @@ At draft step j >= 1 the hidden input is g' of step j-1 (no fc); training unroll
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codraft.config import DrafterConfig
+from codraft.config import ConfigError
 from codraft.drafter import DRAFTERS, Drafter, DrafterMismatch, Features, TargetParts, shifted, target_shape
 from codraft.nn import DraftBlock, RMSNorm
 
@@ -30,8 +32,22 @@ def default_aux_layers(num_layers: int) -> tuple[int, ...]:
     return (1, num_layers // 2, num_layers - 1) if num_layers >= 4 else (0, 1, 2)
 
 
+@dataclass(frozen=True)
+class Eagle3Config:
+    aux_layers: tuple[int, ...] = ()
+    """The three target layers whose entering residual stream is fused (empty = automatic)."""
+    draft_vocab_size: int = 0
+    """Size of the reduced draft vocabulary, most frequent tokens first (0 = the target's)."""
+
+    def validate(self, prefix: str = "drafter.args.") -> None:
+        if self.draft_vocab_size < 0:
+            raise ConfigError(f"config key '{prefix}draft_vocab_size' must be >= 0 (0 = the target's vocabulary)")
+
+
 @DRAFTERS.register("eagle3")
 class Eagle3Drafter(Drafter):
+    description = "EAGLE-3 head: fuses three target layers, one decoder layer, own (reducible) vocabulary; vLLM `eagle3`."
+    Config = Eagle3Config
     method = "eagle3"
 
     def __init__(self, shape: dict, aux_layers: tuple[int, ...], draft_ids: torch.Tensor | None):
@@ -52,13 +68,19 @@ class Eagle3Drafter(Drafter):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, policy: nn.Module, cfg: DrafterConfig, token_counts: torch.Tensor | None = None) -> "Eagle3Drafter":
-        shape = target_shape(policy.config)
-        aux = tuple(cfg.aux_layers) if cfg.aux_layers else default_aux_layers(shape["num_layers"])
+    def head_shape(cls, policy: nn.Module, settings: Eagle3Config) -> dict:
+        """The head's shape: the target's (a subclass may change, say, the MLP width; vLLM reads it
+        from the exported config.json)."""
+        return target_shape(policy.config)
+
+    @classmethod
+    def build(cls, policy: nn.Module, settings: Eagle3Config, token_counts: torch.Tensor | None = None) -> "Eagle3Drafter":
+        shape = cls.head_shape(policy, settings)
+        aux = tuple(settings.aux_layers) if settings.aux_layers else default_aux_layers(shape["num_layers"])
         draft_ids = None
-        if 0 < cfg.draft_vocab_size < shape["vocab_size"]:
+        if 0 < settings.draft_vocab_size < shape["vocab_size"]:
             counts = token_counts if token_counts is not None else torch.zeros(shape["vocab_size"])
-            draft_ids = torch.sort(torch.topk(counts.float(), cfg.draft_vocab_size).indices).values
+            draft_ids = torch.sort(torch.topk(counts.float(), settings.draft_vocab_size).indices).values
         drafter = cls(shape, aux, draft_ids)
         drafter.check_fits(policy.config)
         with torch.no_grad():  # start from the target's output head rows

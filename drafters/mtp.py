@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codraft.config import DrafterConfig
 from codraft.drafter import DRAFTERS, Drafter, DrafterMismatch, Features, TargetParts, shifted, target_shape
 from codraft.nn import DraftBlock, RMSNorm
 
@@ -34,6 +33,7 @@ PREFIX = "model.mtp_layers.0."
 
 @DRAFTERS.register("mtp")
 class MTPDrafter(Drafter):
+    description = "DeepSeek-V3-style MTP head on the target's final hidden state; target's embedding and head; vLLM `mtp`."
     method = "mtp"
     needs_last = True
 
@@ -49,7 +49,7 @@ class MTPDrafter(Drafter):
         self.final_layernorm = RMSNorm(H, eps)
 
     @classmethod
-    def build(cls, policy: nn.Module, cfg: DrafterConfig, token_counts=None) -> "MTPDrafter":
+    def build(cls, policy: nn.Module, settings=None, token_counts=None) -> "MTPDrafter":
         # vLLM builds the MTP block from the *target's* config (heads, KV heads, MLP width), with a
         # Qwen2 attention whose head width is hidden / heads; the head here is shaped the same way.
         shape = target_shape(policy.config)

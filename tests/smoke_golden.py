@@ -27,7 +27,7 @@ GOLDEN_DIR = Path(__file__).parent / "data" / "smoke_golden"
 # The tiny testbed of tests/conftest.py (shared with the other tests, built once), three steps.
 OVERRIDES = [
     "model.hidden_size=128", "model.num_layers=4", "model.num_heads=2", "model.num_kv_heads=1", "model.intermediate_size=256",
-    "model.sft_steps=120", "model.sft_batch_size=32", "model.max_len=128", "task.max_ops=3", "task.num_train=200", "task.num_eval=8",
+    "model.sft_steps=120", "model.sft_batch_size=32", "model.max_len=128", "task.args.max_ops=3", "task.num_train=200", "task.num_eval=8",
     "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=48", "rollout.kv_cache_gib=0.125",
     "run.steps=3", "run.eval_every=2", "run.eval_samples=1", "output.progress=false",
     "drafter.warmup_steps=30", "drafter.batch_size=16", "controller.policy=every_n", "controller.distill_steps=4",

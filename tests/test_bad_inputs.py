@@ -40,7 +40,7 @@ CASES = [
     (["--set", "grpo.lr=-1e-4"], "'grpo.lr' must be > 0"),
     (["--set", "rollout.group_size=1"], "'rollout.group_size' must be >= 2"),
     (["--set", "model.path=/nonexistent/qwen3"], "model.path: no such directory: /nonexistent/qwen3"),
-    (["--set", "task.name=gsm8k", "--set", "task.path=/nonexistent/train.jsonl"], "GSM8K file not found"),
+    (["--set", "task.name=gsm8k", "--set", "task.args.path=/nonexistent/train.jsonl"], "GSM8K file not found"),
     (["--set", "task.name=arithmetic"], "unknown task 'arithmetic'; did you mean 'arith'"),
     (["--set", "drafter.kind=eagle"], "unknown drafter kind 'eagle'; did you mean 'eagle3'"),
     (["--set", "controller.policy=treshold"], "unknown refresh policy 'treshold'; did you mean 'threshold'"),
@@ -111,7 +111,7 @@ def test_config_file_errors(tmp_path, capsys):
 def test_bad_dataset_files(content, message, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text(content)
-    code, err = run_cli(["run", "--out", str(tmp_path / "o"), "--set", "task.name=gsm8k", "--set", f"task.path={data}", "--set", "task.num_eval=1"], capsys)
+    code, err = run_cli(["run", "--out", str(tmp_path / "o"), "--set", "task.name=gsm8k", "--set", f"task.args.path={data}", "--set", "task.num_eval=1"], capsys)
     assert code == 2 and message in err, err
 
 
@@ -127,18 +127,18 @@ def test_checkpoint_dir_that_is_not_a_supported_model(tmp_path, capsys):
 
 
 def test_corrupt_policy_weights(tmp_path):
-    from codraft.runner import load_policy
+    from codraft.build import load_policy
     from tests_helpers import tiny_checkpoint
 
     model = tiny_checkpoint(tmp_path / "model")
     (model / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="model.path: cannot load the policy"):
-        load_policy(model, "eager")
+        load_policy(model, "eager", torch.device("cpu"))
 
 
 def test_prompt_longer_than_the_context():
     from codraft.config import ConfigError
-    from codraft.runner import check_prompt_lengths
+    from codraft.prompts import check_prompt_lengths
 
     check_prompt_lengths([10, 20], max_len=64, max_new_tokens=32, split="training")
     with pytest.raises(ConfigError, match=r"training prompt 1 has 40 tokens; with rollout.max_new_tokens=32 it does not fit model.max_len=64"):
@@ -146,13 +146,12 @@ def test_prompt_longer_than_the_context():
 
 
 def test_non_finite_distillation_loss_and_weights_never_reach_the_engine(tmp_path):
-    from codraft.config import DrafterConfig
     from codraft.distill import DistillExample, distill
     from codraft.drafter import DRAFTERS, target_parts
     from tests_helpers import tiny_policy
 
     policy = tiny_policy()
-    drafter = DRAFTERS.get("eagle3").build(policy, DrafterConfig(kind="eagle3"))
+    drafter = DRAFTERS.get("eagle3").build(policy, DRAFTERS.get("eagle3").Config())
     T, V, H = 6, policy.config.vocab_size, policy.config.hidden_size
     bad = DistillExample(torch.arange(T), torch.ones(T, dtype=torch.long), torch.full((T, 3 * H), float("nan")), None, torch.log_softmax(torch.randn(T, V), -1))
     with pytest.raises(FloatingPointError, match="distillation loss is nan"):
@@ -171,7 +170,7 @@ def test_drafter_checkpoint_of_another_kind(tmp_path):
     from tests_helpers import tiny_policy
 
     policy = tiny_policy()
-    DRAFTERS.get("mtp").build(policy, load_config("smoke").drafter).export(tmp_path / "mtp")
+    DRAFTERS.get("mtp").build(policy, DRAFTERS.get("mtp").Config()).export(tmp_path / "mtp")
     cfg = load_config("smoke", overrides=["drafter.kind=eagle3", f"drafter.path={tmp_path / 'mtp'}"])
     with pytest.raises(DrafterMismatch, match="holds a 'mtp' drafter but drafter.kind is 'eagle3'"):
         initial_drafter(cfg, policy, [], tmp_path, 0, 0)

@@ -1,17 +1,23 @@
-"""Drafter contract, run over every registered kind: shapes, checkpoint round trip, fit checks,
-distillation that raises teacher-forced acceptance, and clear errors on checkpoints that do not fit."""
+"""Drafter contract, run over every registered kind (and the worked example of drafters/README.md):
+shapes, checkpoint round trip, fit checks, distillation that raises teacher-forced acceptance, a
+documented settings dataclass, and clear errors on checkpoints that do not fit."""
+import dataclasses
+import importlib
 import json
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from codraft.config import DrafterConfig
 from codraft.distill import distill, distill_loss, teacher_forced_alpha
 from codraft.drafter import DRAFTERS, DrafterMismatch, load_drafter, target_parts
 from codraft.warmstart import record_examples
 from tests_helpers import tiny_policy
 
 KINDS = DRAFTERS.names()
+README = Path(__file__).resolve().parents[1] / "drafters" / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +53,8 @@ def taught_policy(pairs):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_unroll_shapes(kind, policy, pairs):
-    drafter = DRAFTERS.get(kind).build(policy, DrafterConfig(kind=kind))
+def check_unroll_shapes(kind, policy, pairs):
+    drafter = DRAFTERS.get(kind).build(policy, DRAFTERS.get(kind).Config())
     examples = record_examples(policy, pairs[:4], drafter, pad_id=0)
     from codraft.distill import collate
 
@@ -61,9 +66,8 @@ def test_unroll_shapes(kind, policy, pairs):
         assert shift == (0 if len(outs) == 1 else 1 + j)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_export_load_round_trip(kind, policy, pairs, tmp_path):
-    drafter = DRAFTERS.get(kind).build(policy, DrafterConfig(kind=kind)).eval()
+def check_export_load_round_trip(kind, policy, pairs, tmp_path):
+    drafter = DRAFTERS.get(kind).build(policy, DRAFTERS.get(kind).Config()).eval()
     drafter.export(tmp_path / "d", dtype=torch.float32)
     config = json.loads((tmp_path / "d" / "config.json").read_text())
     assert config["codraft_kind"] == kind and config["architectures"]
@@ -78,9 +82,8 @@ def test_export_load_round_trip(kind, policy, pairs, tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_distillation_raises_teacher_forced_acceptance(kind, taught_policy, pairs):
-    drafter = DRAFTERS.get(kind).build(taught_policy, DrafterConfig(kind=kind))
+def check_distillation_raises_teacher_forced_acceptance(kind, taught_policy, pairs):
+    drafter = DRAFTERS.get(kind).build(taught_policy, DRAFTERS.get(kind).Config())
     examples = record_examples(taught_policy, pairs, drafter, pad_id=0)
     train, held = examples[:40], examples[40:]
     parts, vocab = target_parts(taught_policy), taught_policy.config.vocab_size
@@ -93,9 +96,8 @@ def test_distillation_raises_teacher_forced_acceptance(kind, taught_policy, pair
     assert all(0.0 <= a <= 1.0 for a in after.greedy + after.prob)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_drafter_that_does_not_fit_the_target_is_refused(kind, policy, tmp_path):
-    drafter = DRAFTERS.get(kind).build(policy, DrafterConfig(kind=kind))
+def check_drafter_that_does_not_fit_the_target_is_refused(kind, policy, tmp_path):
+    drafter = DRAFTERS.get(kind).build(policy, DRAFTERS.get(kind).Config())
     drafter.export(tmp_path / "d")
     other = tiny_policy(vocab=48)
     with pytest.raises(DrafterMismatch, match="vocabulary|shape"):
@@ -106,8 +108,90 @@ def test_drafter_that_does_not_fit_the_target_is_refused(kind, policy, tmp_path)
             load_drafter(tmp_path / "d", wider)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_unroll_shapes(kind, policy, pairs):
+    check_unroll_shapes(kind, policy, pairs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_load_round_trip(kind, policy, pairs, tmp_path):
+    check_export_load_round_trip(kind, policy, pairs, tmp_path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_distillation_raises_teacher_forced_acceptance(kind, taught_policy, pairs):
+    check_distillation_raises_teacher_forced_acceptance(kind, taught_policy, pairs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_drafter_that_does_not_fit_the_target_is_refused(kind, policy, tmp_path):
+    check_drafter_that_does_not_fit_the_target_is_refused(kind, policy, tmp_path)
+
+
+def check_documented_settings(kind):
+    cls = DRAFTERS.get(kind)
+    assert cls.description, f"{kind}: no description"
+    assert dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen
+    from codraft.configfile import from_dict, section_fields, to_dict
+
+    for name, _, _, doc in section_fields(cls.Config):
+        assert doc, f"{kind}: setting {name} has no docstring"
+    assert from_dict(cls.Config, to_dict(cls.Config())) == cls.Config()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_settings_are_documented_and_round_trip(kind):
+    check_documented_settings(kind)
+
+
+def test_unknown_drafter_setting_names_the_key():
+    from codraft.config import ConfigError
+    from codraft.configfile import load_config
+    from codraft.drafter import drafter_settings
+
+    cfg = load_config("smoke", overrides=["drafter.kind=eagle3", "drafter.args.draft_vocab=64"])
+    with pytest.raises(ConfigError, match="unknown config key 'drafter.args.draft_vocab'; did you mean 'draft_vocab_size'"):
+        drafter_settings(cfg.drafter)
+    cfg = load_config("smoke", overrides=["drafter.kind=draft_model", "drafter.args.num_layers=9"])
+    with pytest.raises(ConfigError, match="'drafter.args.num_layers' must be in 1..4"):
+        drafter_settings(cfg.drafter)
+
+
+def readme_example() -> tuple[str, str]:
+    """(kind name, code) of the example in drafters/README.md's 'Add a drafter kind in one file'."""
+    section = README.read_text().split("## Add a drafter kind in one file", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r'DRAFTERS\.register\("(\w+)"\)', code).group(1), code
+
+
+def test_readme_example_registers_and_meets_the_contract(policy, taught_policy, pairs, tmp_path, monkeypatch):
+    name, code = readme_example()
+    package = tmp_path / "readme_drafters"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / f"{name}.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(DRAFTERS, "_items", dict(DRAFTERS._items))  # registration undone afterwards
+    try:
+        importlib.import_module(f"readme_drafters.{name}")
+        assert name in DRAFTERS.names()
+        check_unroll_shapes(name, policy, pairs)
+        check_export_load_round_trip(name, policy, pairs, tmp_path / "round-trip")
+        check_distillation_raises_teacher_forced_acceptance(name, taught_policy, pairs)
+        check_drafter_that_does_not_fit_the_target_is_refused(name, policy, tmp_path / "misfit")
+        check_documented_settings(name)
+        narrow = DRAFTERS.get(name).build(policy, DRAFTERS.get(name).Config(mlp_ratio=0.5))
+        assert narrow.hf_config()["intermediate_size"] == max(8, round(policy.config.intermediate_size * 0.5))
+        from codraft.drafter import describe_drafters
+
+        assert f"{name}: " in describe_drafters() and "mlp_ratio" in describe_drafters()
+    finally:
+        for module in ("readme_drafters", f"readme_drafters.{name}"):
+            sys.modules.pop(module, None)
+
+
 def test_corrupt_or_missing_checkpoint(policy, tmp_path):
-    drafter = DRAFTERS.get("eagle3").build(policy, DrafterConfig(kind="eagle3"))
+    drafter = DRAFTERS.get("eagle3").build(policy, DRAFTERS.get("eagle3").Config())
     drafter.export(tmp_path / "d")
     (tmp_path / "d" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DrafterMismatch, match="cannot be read"):
@@ -118,15 +202,15 @@ def test_corrupt_or_missing_checkpoint(policy, tmp_path):
 
 def test_eagle3_layer_ids_are_checked(policy):
     with pytest.raises(DrafterMismatch, match="3 distinct aux layer ids"):
-        DRAFTERS.get("eagle3").build(policy, DrafterConfig(kind="eagle3", aux_layers=(1, 1, 2)))
+        DRAFTERS.get("eagle3").build(policy, DRAFTERS.get("eagle3").Config(aux_layers=(1, 1, 2)))
     with pytest.raises(DrafterMismatch, match=r"out of range for a 4-layer target \(valid: 0..3\)"):
-        DRAFTERS.get("eagle3").build(policy, DrafterConfig(kind="eagle3", aux_layers=(1, 2, 4)))
+        DRAFTERS.get("eagle3").build(policy, DRAFTERS.get("eagle3").Config(aux_layers=(1, 2, 4)))
 
 
 def test_eagle3_reduced_vocabulary_maps_ids(policy):
     counts = torch.zeros(policy.config.vocab_size)
     counts[[5, 9, 17]] = torch.tensor([3.0, 2.0, 1.0])
-    drafter = DRAFTERS.get("eagle3").build(policy, DrafterConfig(kind="eagle3", draft_vocab_size=3), token_counts=counts)
+    drafter = DRAFTERS.get("eagle3").build(policy, DRAFTERS.get("eagle3").Config(draft_vocab_size=3), token_counts=counts)
     assert drafter.draft_ids.tolist() == [5, 9, 17]
     d2t = drafter.serving_weights()["d2t"]
     assert (torch.arange(3) + d2t).tolist() == [5, 9, 17]  # target id = draft id + d2t[draft id]
