@@ -1,13 +1,6 @@
-"""Analysis of run outputs (reads only what runs wrote) and projections; registers its `codraft` subcommands:
-`project`, `sweep`, `report` and `compare-rewards`."""
-from codraft.cli import register_command
+"""Analysis of run outputs (reads only what runs wrote), projections and benchmarks.
 
-from analysis.compare_rewards import CompareArgs, cmd_compare
-from analysis.projection import ProjectArgs, project
-from analysis.report import ReportArgs, cmd_report
-from analysis.sweep import SweepArgs, cmd_sweep
-
-register_command("project", ProjectArgs, project)
-register_command("sweep", SweepArgs, cmd_sweep)
-register_command("report", ReportArgs, cmd_report)
-register_command("compare-rewards", CompareArgs, cmd_compare)
+Its `codraft` subcommands (`sweep`, `report`, `project`, `compare-rewards`) are declared as entry
+points of the group `codraft.commands` in pyproject.toml; `codraft.cli` finds them there, so the
+core never imports this package.
+"""

@@ -82,7 +82,7 @@ class TargetResult:
 
 def _long_prompts(cfg, tok, n: int) -> list[list[int]]:
     """Held-out (then training) prompts whose worked solutions outrun the token budget."""
-    from codraft.tasks import make_task
+    from codraft.task import make_task
 
     train, held = make_task(cfg.task, cfg.task.seed).splits()
     rows = list(held) + list(train)
@@ -230,7 +230,7 @@ def load_results(path: Path) -> list[TargetResult]:
 
 
 def _grpo_batch(cfg, tok):
-    from codraft.tasks import make_task
+    from codraft.task import make_task
 
     train, _ = make_task(cfg.task, cfg.task.seed).splits()
     return [{"ids": tok(r["prompt"], add_special_tokens=False).input_ids} for r in list(train)[: cfg.rollout.prompts_per_step]]

@@ -24,6 +24,8 @@ from typing import Annotated
 
 import tyro
 
+from codraft.cliargs import Command
+
 from analysis.runs import load_run, run_label, series, varying_keys
 
 ALPHA = 0.05
@@ -91,3 +93,6 @@ def cmd_compare(args: CompareArgs) -> int:
     )
     print(f"wrote {args.out}")
     return 0
+
+
+COMMAND = Command("compare-rewards", CompareArgs, cmd_compare)

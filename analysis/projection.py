@@ -22,6 +22,10 @@ from typing import Literal
 
 from scipy.optimize import brentq
 
+from codraft.cliargs import Command
+
+from analysis.tables import num, pct, rich_table
+
 from analysis.roofline import (
     DEVICES,
     MODELS,
@@ -267,36 +271,18 @@ class ProjectArgs:
             raise ValueError(f"gpus ({self.gpus}) must be a multiple of tp ({self.tp})")
 
 
-def _fmt(x: float, digits: int = 1) -> str:
-    return "nan" if not math.isfinite(x) else f"{x:,.{digits}f}"
-
-
-def _pct(x: float) -> str:
-    return "nan" if not math.isfinite(x) else f"{x:+.1f}%"
-
-
-def _table(title: str, columns: list[str]):
-    from rich.table import Table
-
-    text = {"key", "device", "source", "stage", "figure", "role", "assumption"}
-    table = Table(title=title, title_justify="left")
-    for col in columns:
-        table.add_column(col, justify="left" if col in text else "right", overflow="fold")
-    return table
-
-
 def _breakdown_table(title: str, base: StageTimes, spec: StageTimes, paper: dict[str, str] | None = None):
-    table = _table(title, ["stage", "no spec (s)", "share", "spec (s)", "share", "speedup"] + (["paper"] if paper else []))
+    table = rich_table(title, ["stage", "no spec (s)", "share", "spec (s)", "share", "speedup"] + (["paper"] if paper else []))
     for stage in ("gen", "logprob", "train", "other", "step"):
         b, s = getattr(base, f"{stage}_s"), getattr(spec, f"{stage}_s")
         shares = [f"{100 * t.share(stage):.0f}%" if stage != "step" else "100%" for t in (base, spec)]
-        row = [stage, _fmt(b), shares[0], _fmt(s), shares[1], f"{b / s:.2f}x"]
+        row = [stage, num(b), shares[0], num(s), shares[1], f"{b / s:.2f}x"]
         table.add_row(*row, *([paper.get(stage, "")] if paper else []))
     return table
 
 
 def _print_paper(console, priors: Efficiency, other_s: float, cal: Calibration) -> None:
-    devices = _table("Devices (per GPU; dense BF16)", ["key", "device", "HBM TB/s", "BF16 TFLOP/s", "memory GB", "source"])
+    devices = rich_table("Devices (per GPU; dense BF16)", ["key", "device", "HBM TB/s", "BF16 TFLOP/s", "memory GB", "source"])
     for key, d in DEVICES.items():
         devices.add_row(key, d.name, f"{d.hbm_tb_s:g}", f"{d.bf16_tflops:g}", f"{d.memory_gb:g}", d.source)
     console.print(devices)
@@ -310,7 +296,7 @@ def _print_paper(console, priors: Efficiency, other_s: float, cal: Calibration) 
     console.print(f"  - Predicted at acceptance length {PAPER.accept_len}, k = {PAPER.k} (alpha = "
                   f"{cal.speculation.alpha:.4f}); EAGLE-3 head {MODELS['qwen3-8b'].drafter().params_b:.2f}B.\n")
 
-    check = _table("Qwen3-8B RL-Zero: model vs arXiv 2604.26779", ["figure", "paper", "model", "error", "role"])
+    check = rich_table("Qwen3-8B RL-Zero: model vs arXiv 2604.26779", ["figure", "paper", "model", "error", "role"])
     rows = [
         ("gen, no spec (s)", PAPER.gen_s, cal.base.gen_s, "fitted (mean length)"),
         ("step, no spec (s)", PAPER.step_s, cal.base.step_s, "fitted (MFU)"),
@@ -321,16 +307,16 @@ def _print_paper(console, priors: Efficiency, other_s: float, cal: Calibration) 
     ]
     for label, paper, model, role in rows:
         digits = 2 if "speedup" in label else 1
-        check.add_row(label, _fmt(paper, digits), _fmt(model, digits), _pct(rel_error(model, paper)), role)
+        check.add_row(label, num(paper, digits), num(model, digits), pct(rel_error(model, paper)), role)
     console.print(check)
     console.print(_breakdown_table("Qwen3-8B RL-Zero: stage breakdown (model)", cal.base, cal.spec))
 
-    sens = _table("Sensitivity: one assumption or prior changed, refitted, re-predicted",
+    sens = rich_table("Sensitivity: one assumption or prior changed, refitted, re-predicted",
                   ["assumption", "fitted mean", "fitted MFU", "gen spec (s)", "error", "step spec (s)", "error"])
     for label, c in sensitivity(priors, other_s):
-        sens.add_row(label, _fmt(c.work.shape.mean_response, 0), _fmt(c.eff.mfu, 3), _fmt(c.spec.gen_s),
-                     _pct(rel_error(c.spec.gen_s, PAPER.gen_spec_s)), _fmt(c.spec.step_s),
-                     _pct(rel_error(c.spec.step_s, PAPER.step_spec_s)))
+        sens.add_row(label, num(c.work.shape.mean_response, 0), num(c.eff.mfu, 3), num(c.spec.gen_s),
+                     pct(rel_error(c.spec.gen_s, PAPER.gen_spec_s)), num(c.spec.step_s),
+                     pct(rel_error(c.spec.step_s, PAPER.step_spec_s)))
     console.print(sens)
     console.print("  The step error follows the gen error: logprob/train/other are fitted and do not change with "
                   "speculation. nan = no mean completion length reproduces 100 s under that assumption.\n")
@@ -351,7 +337,7 @@ def _print_235b(console, cal: Calibration, other_s: float) -> None:
         "  NOT COMPARABLE as such: the paper's 2.5x end-to-end figure (and the 3.5x rollout figure that secondary "
         "reports quote) come from its non-public simulator of an ASYNCHRONOUS pipeline that overlaps generation "
         "with training; this model computes a synchronous step as the sum of its stages. For orientation only: "
-        f"ideally overlapped, the spec step would take {_fmt(overlap)} s ({base.step_s / overlap:.2f}x vs the "
+        f"ideally overlapped, the spec step would take {num(overlap)} s ({base.step_s / overlap:.2f}x vs the "
         "synchronous no-spec step).\n")
 
 
@@ -366,12 +352,12 @@ def _print_custom(console, args: ProjectArgs, cal: Calibration) -> None:
         f"{work.shape.max_response} tokens; k = {spec.k}, alpha = {spec.alpha:.3f}, acceptance length "
         f"{spec.accept_len:.2f}; HBM eff. {eff.hbm:.2f}, MFU {eff.mfu:.3f}.")
     console.print(_breakdown_table("Stage breakdown", base, sp))
-    sweep = _table(f"Draft length sweep at alpha = {spec.alpha:.3f}",
+    sweep = rich_table(f"Draft length sweep at alpha = {spec.alpha:.3f}",
                    ["k", "accept len", "gen (s)", "gen speedup", "step (s)", "step speedup"])
     for k in range(1, 8):
         s = stage_times(work, eff, args.speculation(k), args.other_s)
-        sweep.add_row(str(k), f"{tokens_per_verify(spec.alpha, k):.2f}", _fmt(s.gen_s), f"{base.gen_s / s.gen_s:.2f}x",
-                      _fmt(s.step_s), f"{base.step_s / s.step_s:.2f}x")
+        sweep.add_row(str(k), f"{tokens_per_verify(spec.alpha, k):.2f}", num(s.gen_s), f"{base.gen_s / s.gen_s:.2f}x",
+                      num(s.step_s), f"{base.step_s / s.step_s:.2f}x")
     console.print(sweep)
 
 
@@ -406,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"projection: error: {err}", file=sys.stderr)
         return 2
 
+
+COMMAND = Command("project", ProjectArgs, project)
 
 if __name__ == "__main__":
     sys.exit(main())

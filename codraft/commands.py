@@ -1,5 +1,8 @@
-"""Subcommands beyond `run`: `check-lossless` and `policies`.
+"""The core `codraft` subcommands: `run`, `config`, `check-lossless`, and the plug-in listings
+`policies`, `drafters`, `tasks`.
 
+    codraft run --preset smoke --out runs/smoke --set grpo.lr=3e-4 --set run.steps=4
+    codraft config --preset default                                      # the resolved config
     codraft check-lossless --preset smoke --set drafter.kind=eagle3      # exits 1 if a test fails
     codraft check-lossless --biased --no-cpu-fix                         # shows vLLM's CPU bug
     codraft policies                                                     # registered refresh policies
@@ -7,10 +10,94 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from codraft.cli import ConfigArgs, register_command
+from codraft.cliargs import Command, ConfigArgs
+
+
+@dataclass
+class RunArgs(ConfigArgs):
+    """Run synchronous GRPO (with speculative rollouts and drafter co-training when configured)."""
+
+    out: Path | None = None
+    """Run directory (default: `output.dir` of the config)."""
+    resume: Path | None = None
+    """Continue the run in this directory from its last checkpoint (its config.toml; `--set run.steps=N` may extend it)."""
+
+
+RESUMABLE_OVERRIDES = ("run.steps", "output.progress", "output.tensorboard")
+
+
+def resume_config(args: RunArgs):
+    from codraft.config import ConfigError
+    from codraft.configfile import config_from_toml, load_config
+
+    if not (args.resume / "config.toml").is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: no run there (config.toml missing)")
+    bad = [o for o in args.set if o.split("=", 1)[0].strip() not in RESUMABLE_OVERRIDES]
+    if bad or args.config or args.preset != "default":
+        raise ConfigError(f"--resume keeps the run's own config; only {', '.join(RESUMABLE_OVERRIDES)} may be changed (got {bad or '--config/--preset'})")
+    config_from_toml(args.resume / "config.toml")  # validates
+    return load_config(preset=None, path=args.resume / "config.toml", overrides=args.set)
+
+
+def cmd_run(args: RunArgs) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from codraft.distributed import shutdown
+    from codraft.runner import Run, summary_rows
+
+    if args.resume:
+        cfg, out = resume_config(args), args.resume
+    else:
+        cfg = args.load()
+        out = args.out or Path(cfg.output.dir)
+    if str(out) != cfg.output.dir:
+        cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out)))
+    run = Run(cfg, out, resume=args.resume is not None)
+    finished = False
+    try:
+        records = run.train()
+        finished = True
+    finally:
+        run.close()
+        shutdown(drain=finished)  # leave the torchrun process group, if any
+    if not run.is_main:
+        return 0
+    table = Table(title=f"codraft run: {out}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = summary_rows(records) + [(k, v) for k, v in run.parts.controller.summary().items()]
+    for label, value in rows:
+        table.add_row(label, str(value))
+    Console().print(table)
+    return 0
+
+
+@dataclass
+class ShowConfigArgs(ConfigArgs):
+    """Print the resolved configuration as TOML, or the documented fields of every section."""
+
+    fields: bool = False
+    """List each section's fields with type, default and help instead."""
+
+
+def cmd_config(args: ShowConfigArgs) -> int:
+    import tomli_w
+
+    from codraft.config import Config
+    from codraft.configfile import section_fields, to_dict
+
+    if args.fields:
+        for section in dataclasses.fields(Config):
+            print(f"[{section.name}]")
+            for name, tp, default, doc in section_fields(section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))):
+                print(f"  {name}: {tp} = {default!r}\n      {doc}")
+        return 0
+    print(tomli_w.dumps(to_dict(args.load())))
+    return 0
 
 
 @dataclass
@@ -40,7 +127,7 @@ def cmd_check_lossless(args: LosslessArgs) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from codraft.lossless import biased_eagle3, check_lossless, format_report
-    from codraft.tasks import make_task
+    from codraft.task import make_task
     from codraft.testbed import policy_source
     from codraft.warmstart import initial_drafter
 
@@ -84,10 +171,35 @@ def cmd_policies(args: PoliciesArgs) -> int:
     return 0
 
 
-register_command("check-lossless", LosslessArgs, cmd_check_lossless)
-register_command("policies", PoliciesArgs, cmd_policies)
+@dataclass
+class DraftersArgs:
+    """List the registered drafter kinds with their settings."""
 
-if __name__ == "__main__":
-    from codraft.cli import main
 
-    sys.exit(main(["check-lossless", *sys.argv[1:]]))
+def cmd_drafters(args: DraftersArgs) -> int:
+    from codraft.drafter import describe_drafters
+
+    print(describe_drafters())
+    return 0
+
+
+@dataclass
+class TasksArgs:
+    """List the registered tasks with their settings."""
+
+
+def cmd_tasks(args: TasksArgs) -> int:
+    from codraft.task import describe_tasks
+
+    print(describe_tasks())
+    return 0
+
+
+CORE_COMMANDS = (
+    Command("run", RunArgs, cmd_run),
+    Command("config", ShowConfigArgs, cmd_config),
+    Command("check-lossless", LosslessArgs, cmd_check_lossless),
+    Command("policies", PoliciesArgs, cmd_policies),
+    Command("drafters", DraftersArgs, cmd_drafters),
+    Command("tasks", TasksArgs, cmd_tasks),
+)

@@ -23,70 +23,62 @@ import math
 import random
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 
 from codraft.acceptance import AcceptanceStats
-from codraft.costmodel import CostModel, alpha_from_accept_len, drafts_anywhere
+from codraft.config import Config
+from codraft.costmodel import CostModel, alpha_from_accept_len, drafts_anywhere, format_k_schedule
 from codraft.distill import DistillExample, distill, examples_from_forward, teacher_forced_alpha
-from codraft.drafter import Drafter, DrafterMismatch, check_finite, features_from_forward
+from codraft.drafter import Drafter, DrafterMismatch, TargetParts, check_finite, features_from_forward
+from codraft.engine import Generation, RolloutEngine
+from codraft.metrics import StageTimer
 from codraft.refresh import Observation, RefreshLog, make_refresh_policy
-from codraft.warmstart import initial_drafter
-
-if TYPE_CHECKING:
-    from codraft.runner import Run
 
 
-def parse_k_schedule(text: str, k: int, max_batch: int) -> list[tuple[int, int, int]]:
-    """`lo-hi:k,...` -> inclusive ranges; empty or `auto` -> k at every running batch size."""
-    if not text or text == "auto":
-        return [(1, max_batch, k)]
-    ranges = []
-    for part in text.split(","):
-        try:
-            span, kk = part.split(":")
-            lo, hi = span.split("-")
-            ranges.append((int(lo), int(hi), int(kk)))
-        except ValueError:
-            raise ValueError(f"drafter.k_schedule: cannot read {part!r}; write ranges like '1-8:3,9-1024:0'") from None
-    for lo, hi, kk in ranges:
-        if not (1 <= lo <= hi) or not (0 <= kk <= k):
-            raise ValueError(f"drafter.k_schedule: range {lo}-{hi}:{kk} needs 1 <= lo <= hi and 0 <= k <= drafter.num_speculative_tokens={k}")
-    return ranges
+class TargetView(Protocol):
+    """What the controller needs of the policy: its config and the parts drafters share with it."""
+
+    config: Any
+
+    def target_parts(self) -> TargetParts: ...
 
 
 class Controller:
-    def __init__(self, run: "Run", policy):
-        """`policy`: the initial policy as a plain (unwrapped) Hugging Face model; the warm start samples from it."""
-        cfg = run.cfg
-        self.run, self.cfg = run, cfg
+    """Built once per run with what it works on: the serving drafter (already exported at
+    `drafter_dir` and served by `engine`), the engine, and a view of the trained policy."""
+
+    def __init__(self, cfg: Config, serving: Drafter, engine: RolloutEngine, policy: TargetView, drafter_dir: Path, k_schedule: list[tuple[int, int, int]]):
+        self.cfg = cfg
         self.k = cfg.drafter.num_speculative_tokens
-        tok = run.tokenizer
-        prompts = run.warm_start_prompts()
-        self.serving, source = initial_drafter(cfg, policy, prompts, run.policy_dir, tok.eos_token_id, run.pad_id, log=run.log)
-        self.serving.eval()
-        self.dir = run.dir / "drafter"
-        self.serving.export(self.dir)
+        self.serving = serving.eval()
+        self.engine, self.policy, self.dir = engine, policy, Path(drafter_dir)
         self.version = 0
         self.refresh_policy = make_refresh_policy(cfg.controller.policy, cfg.controller.args, seed=cfg.run.seed)
         self.buffer: deque[list[DistillExample]] = deque(maxlen=cfg.controller.buffer_steps)
         self.holdout: list[DistillExample] = []
-        self._pending: list[DistillExample] = []
+        self.pending: list[DistillExample] = []
+        """This step's distillation examples, recorded in the logprob stage, consumed by `after_step`."""
         self.log = RefreshLog()
         self.cost = CostModel()
-        self.k_schedule = parse_k_schedule(cfg.drafter.k_schedule, self.k, cfg.rollout.max_num_seqs)
+        self.k_schedule = [tuple(r) for r in k_schedule]
         self.steps_since_refresh = 0
         self.last_distill_s = math.nan
         self.last_swap_s = math.nan
         self._last_batch: tuple[tuple[int, ...], float] | None = None
 
+    @property
+    def vocab(self) -> int:
+        return self.policy.config.vocab_size
+
     # ------------------------------------------------------------------ logprob stage
-    def on_policy_forward(self, batch, gen) -> Callable:
-        """A hook for `GRPOTrainer.score` that turns each policy forward into distillation examples."""
-        self._pending = []
+    def on_policy_forward(self, rewards: torch.Tensor | None) -> Callable:
+        """A hook for `GRPOTrainer.score` that turns each policy forward into distillation examples
+        (weighted by the rows' `rewards` when `controller.reward_weighting` is set)."""
+        self.pending = []
         temperature = max(self.cfg.rollout.temperature, 1e-6)
-        rewards = getattr(self.run, "last_rewards", None)
 
         def record(rows, mb, out, logits) -> None:
             feats = features_from_forward(mb.input_ids, mb.attention_mask, out.hidden_states, self.serving.aux_layers, self.serving.needs_last)
@@ -95,40 +87,22 @@ class Controller:
             weights = None
             if self.cfg.controller.reward_weighting and rewards is not None:
                 weights = [math.exp(self.cfg.controller.reward_weighting * float(rewards[r])) for r in rows]
-            self._pending += examples_from_forward(feats, target_mask, out.logits.float() / temperature, self.cfg.controller.teacher_top_k, weights)
+            self.pending += examples_from_forward(feats, target_mask, out.logits.float() / temperature, self.cfg.controller.teacher_top_k, weights)
 
         return record
 
     # ------------------------------------------------------------------ control stage
-    def after_step(self, step: int, gen, timer) -> dict[str, Any]:
-        examples, self._pending = self._pending, []
+    def after_step(self, step: int, gen: Generation, timer: StageTimer) -> dict[str, Any]:
+        """The control stage: measure the serving drafter, ask the refresh policy, carry out its decision."""
+        examples, self.pending = self.pending, []
         rng = random.Random(f"{self.cfg.run.seed}-holdout-{step}")
         rng.shuffle(examples)
         n_hold = max(1, int(len(examples) * self.cfg.controller.holdout_fraction)) if examples else 0
         self.holdout, train = examples[:n_hold], examples[n_hold:]
         self.buffer.append(train)
-        parts = self.run.target_parts()
-        vocab = self.run.policy_config.vocab_size
-        alpha = teacher_forced_alpha(self.serving, self.holdout, parts, self.k, vocab) if self.holdout else None
-
-        acc = gen.acceptance or AcceptanceStats()
-        lengths = tuple(len(c.token_ids) for c in gen.completions)
-        a_now = alpha_from_accept_len(acc.accept_len, self.k) if acc.drafts else math.nan
-        if acc.drafts:
-            self.cost.observe(lengths, a_now, tuple(self.k_schedule), timer.seconds.get("gen", 0.0), True)
-            self._last_batch = (lengths, a_now)
-        elif not drafts_anywhere(self.k_schedule):  # the drafter is off: a plain-decoding timing
-            self.cost.observe(lengths, math.nan, 0, timer.seconds.get("gen", 0.0), False)
-        obs = Observation(
-            step=step, drafts=acc.drafts, draft_tokens=acc.draft_tokens, accepted=acc.accepted, k=self.k,
-            alpha_serving=sum(alpha.greedy) / len(alpha.greedy) if alpha else math.nan,
-            accept_len_serving=alpha.accept_len if alpha else math.nan,
-            tv_serving=1 - sum(alpha.prob) / len(alpha.prob) if alpha else math.nan,
-            gen_s=timer.seconds.get("gen", 0.0), gen_tokens=gen.num_tokens, step_s=sum(timer.seconds.values()),
-            last_distill_s=self.last_distill_s, last_swap_s=self.last_swap_s, steps_since_refresh=self.steps_since_refresh,
-            predicted_gen_s_now=self.cost.predict_gen_s(lengths, a_now, tuple(self.k_schedule)) if acc.drafts else math.nan,
-            completion_lengths=lengths,
-        )
+        parts = self.policy.target_parts()
+        alpha = teacher_forced_alpha(self.serving, self.holdout, parts, self.k, self.vocab) if self.holdout else None
+        obs = self._observe(step, gen, timer, alpha)
         self.refresh_policy.observe(obs)
         decision = self.refresh_policy.decide()
         record: dict[str, Any] = {
@@ -143,11 +117,33 @@ class Controller:
         self.steps_since_refresh += 1
         if decision.k_schedule is not None or self.cfg.drafter.k_schedule == "auto":
             self._set_schedule(decision.k_schedule or self._auto_schedule(obs))
-        record["spec/k_schedule"] = ",".join(f"{lo}-{hi}:{k}" for lo, hi, k in self.k_schedule)
+        record["spec/k_schedule"] = format_k_schedule(self.k_schedule)
         if decision.refresh:
-            record.update(self._refresh(timer, decision.budget_steps or self.cfg.controller.distill_steps, parts, vocab, alpha))
+            record.update(self._refresh(timer, decision.budget_steps or self.cfg.controller.distill_steps, parts, alpha))
         record["drafter/version"] = self.version
         return record
+
+    def _observe(self, step: int, gen: Generation, timer: StageTimer, alpha) -> Observation:
+        """This step's observation for the refresh policy; feeds the cost model the step's timing."""
+        acc = gen.acceptance or AcceptanceStats()
+        lengths = tuple(len(c.token_ids) for c in gen.completions)
+        gen_s = timer.seconds.get("gen", 0.0)
+        a_now = alpha_from_accept_len(acc.accept_len, self.k) if acc.drafts else math.nan
+        if acc.drafts:
+            self.cost.observe(lengths, a_now, tuple(self.k_schedule), gen_s, True)
+            self._last_batch = (lengths, a_now)
+        elif not drafts_anywhere(self.k_schedule):  # the drafter is off: a plain-decoding timing
+            self.cost.observe(lengths, math.nan, 0, gen_s, False)
+        return Observation(
+            step=step, drafts=acc.drafts, draft_tokens=acc.draft_tokens, accepted=acc.accepted, k=self.k,
+            alpha_serving=sum(alpha.greedy) / len(alpha.greedy) if alpha else math.nan,
+            accept_len_serving=alpha.accept_len if alpha else math.nan,
+            tv_serving=1 - sum(alpha.prob) / len(alpha.prob) if alpha else math.nan,
+            gen_s=gen_s, gen_tokens=gen.num_tokens, step_s=sum(timer.seconds.values()),
+            last_distill_s=self.last_distill_s, last_swap_s=self.last_swap_s, steps_since_refresh=self.steps_since_refresh,
+            predicted_gen_s_now=self.cost.predict_gen_s(lengths, a_now, tuple(self.k_schedule)) if acc.drafts else math.nan,
+            completion_lengths=lengths,
+        )
 
     def _auto_schedule(self, obs: Observation) -> list[tuple[int, int, int]]:
         alpha = obs.alpha_serving if not math.isnan(obs.alpha_serving) else alpha_from_accept_len(obs.accept_len, self.k)
@@ -158,11 +154,11 @@ class Controller:
 
     def _set_schedule(self, schedule) -> None:
         schedule = [tuple(r) for r in schedule]
-        if schedule != self.k_schedule and hasattr(self.run.engine, "set_k_schedule"):
-            self.run.engine.set_k_schedule(schedule)
+        if schedule != self.k_schedule and hasattr(self.engine, "set_k_schedule"):
+            self.engine.set_k_schedule(schedule)
         self.k_schedule = schedule
 
-    def _refresh(self, timer, steps: int, parts, vocab: int, alpha_before) -> dict[str, Any]:
+    def _refresh(self, timer: StageTimer, steps: int, parts: TargetParts, alpha_before) -> dict[str, Any]:
         cfg = self.cfg
         data = [e for b in self.buffer for e in b]
         candidate: Drafter = copy.deepcopy(self.serving)
@@ -170,7 +166,7 @@ class Controller:
             try:
                 stats = distill(
                     candidate, data, parts, steps=steps, k=self.k, loss=cfg.drafter.loss, lr=cfg.drafter.lr,
-                    batch_size=cfg.drafter.batch_size, vocab=vocab, seed=cfg.run.seed + self.version, max_tokens=cfg.controller.distill_tokens,
+                    batch_size=cfg.drafter.batch_size, vocab=self.vocab, seed=cfg.run.seed + self.version, max_tokens=cfg.controller.distill_tokens,
                 )
             except FloatingPointError as err:  # a non-finite loss never reaches the engine
                 stats, candidate = None, None
@@ -185,7 +181,7 @@ class Controller:
 
     def consider(self, candidate: Drafter, alpha_before=None, timer=None) -> dict[str, Any]:
         """Gate `candidate` on held-out teacher-forced acceptance; swap it in if it is better."""
-        parts, vocab = self.run.target_parts(), self.run.policy_config.vocab_size
+        parts, vocab = self.policy.target_parts(), self.vocab
         if alpha_before is None and self.holdout:
             alpha_before = teacher_forced_alpha(self.serving, self.holdout, parts, self.k, vocab)
         after = teacher_forced_alpha(candidate, self.holdout, parts, self.k, vocab) if self.holdout else None
@@ -213,12 +209,12 @@ class Controller:
         if set(new) != set(old) or any(tuple(new[n].shape) != tuple(old[n].shape) for n in new):
             bad = sorted(n for n in set(new) | set(old) if n not in new or n not in old or tuple(new[n].shape) != tuple(old[n].shape))
             raise DrafterMismatch(f"candidate drafter does not fit the serving one (names/shapes differ: {bad[:4]}); the engine was not touched")
-        candidate.check_fits(self.run.policy_config)
+        candidate.check_fits(self.policy.config)
         check_finite(new, "candidate drafter")
         try:
-            self.run.engine.load_drafter_weights(new)
+            self.engine.load_drafter_weights(new)
         except Exception:
-            self.run.engine.load_drafter_weights(old)  # restore the serving drafter, then report
+            self.engine.load_drafter_weights(old)  # restore the serving drafter, then report
             raise
         self.serving = candidate
         self.version += 1
@@ -243,7 +239,7 @@ class Controller:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.serving.load_serving_weights(state["serving"])
-        self.run.engine.load_drafter_weights(self.serving.serving_weights())
+        self.engine.load_drafter_weights(self.serving.serving_weights())
         self.serving.export(self.dir)
         self.version, self.steps_since_refresh = state["version"], state["steps_since_refresh"]
         self.last_distill_s, self.last_swap_s = state["last_distill_s"], state["last_swap_s"]
@@ -266,6 +262,28 @@ class Controller:
             spec = self.cost.predict_gen_s(lengths, alpha, tuple(self.k_schedule))
             out["gen speedup vs no speculation (cost-model estimate, last step)"] = f"{plain / spec:.2f}x"
         return out
+
+    def close(self) -> None:
+        pass
+
+
+class NoController:
+    """No speculation: nothing to observe, nothing to refresh (also the controller of non-main ranks)."""
+
+    def on_policy_forward(self, rewards) -> None:
+        return None
+
+    def after_step(self, step, gen, timer) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def close(self) -> None:
         pass

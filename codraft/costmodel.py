@@ -78,6 +78,29 @@ def drafts_anywhere(k_schedule: KSchedule | Iterable[Sequence[int]]) -> bool:
     return any(k > 0 for _, _, k in k_schedule)
 
 
+def parse_k_schedule(text: str, k: int, max_batch: int) -> list[tuple[int, int, int]]:
+    """`lo-hi:k,...` -> inclusive ranges; empty or `auto` -> k at every running batch size."""
+    if not text or text == "auto":
+        return [(1, max_batch, k)]
+    ranges = []
+    for part in text.split(","):
+        try:
+            span, kk = part.split(":")
+            lo, hi = span.split("-")
+            ranges.append((int(lo), int(hi), int(kk)))
+        except ValueError:
+            raise ValueError(f"drafter.k_schedule: cannot read {part!r}; write ranges like '1-8:3,9-1024:0'") from None
+    for lo, hi, kk in ranges:
+        if not (1 <= lo <= hi) or not (0 <= kk <= k):
+            raise ValueError(f"drafter.k_schedule: range {lo}-{hi}:{kk} needs 1 <= lo <= hi and 0 <= k <= drafter.num_speculative_tokens={k}")
+    return ranges
+
+
+def format_k_schedule(schedule: Iterable[Sequence[int]]) -> str:
+    """Inclusive ranges as `lo-hi:k,...` (what `parse_k_schedule` reads)."""
+    return ",".join(f"{lo}-{hi}:{k}" for lo, hi, k in schedule)
+
+
 def batch_profile(lengths: Iterable[int], alpha: float, k_schedule: KSchedule) -> tuple[float, ...]:
     """Generating sequences of `lengths` together: (engine steps, verified tokens, drafter steps,
     drafter sequence-steps, drafting steps, drafting sequence-steps), the coefficients of

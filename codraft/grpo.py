@@ -182,6 +182,14 @@ class GRPOTrainer:
             kl = float((info["kl"] * mask).sum()) if "kl" in info else 0.0
             return torch.tensor([loss.item() * n_tokens, float((info["clipped"] * mask).sum()), kl, float((entropy * mask).sum())], dtype=torch.float64)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Policy weights and optimizer state (for checkpoints)."""
+        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def set_progress(self, fraction: float) -> None:
         """Set the learning rate for a step `fraction` of the way through the run (`lr_decay`)."""
         scale = 0.5 * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0))) if self.cfg.lr_decay == "cosine" else 1.0

@@ -29,7 +29,7 @@ def run(tiny_overrides, tmp_path_factory):
 
 
 def measured_acceptance(r, prompts, seed=5, n=8):
-    return r.engine.generate(prompts, n=n, sampling=Sampling(1.0, 1.0, 40), seed=seed).acceptance
+    return r.parts.engine.generate(prompts, n=n, sampling=Sampling(1.0, 1.0, 40), seed=seed).acceptance
 
 
 def measured_accept_len(r, prompts, seed=5, n=8):
@@ -49,35 +49,35 @@ def test_run_logs_controller_and_spec_metrics(run):
         assert x["drafter/alpha_after"] > x["drafter/alpha_before"] and x["time/swap_s"] > 0 and x["time/distill_s"] > 0
     assert steps[-1]["drafter/version"] == len(swapped)
     # RUN_DIR/drafter holds the serving drafter
-    on_disk = load_drafter(r.dir / "drafter", r.trainer.policy)
-    for name, t in r.controller.serving.serving_weights().items():
+    on_disk = load_drafter(r.dir / "drafter", r.parts.trainer.policy)
+    for name, t in r.parts.controller.serving.serving_weights().items():
         assert torch.allclose(t.detach().float().to(torch.bfloat16).float(), on_disk.serving_weights()[name].float(), atol=1e-2), name
 
 
 def test_distilled_drafter_raises_acceptance_after_swap(run):
     r, _ = run
-    c = r.controller
-    prompts = [p["ids"] for p in r.eval_prompts]
+    c = r.parts.controller
+    prompts = [p["ids"] for p in r.parts.prompts.held_out]
     # make the serving drafter stale: perturb the policy (and sync it), as RL drift would
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in r.trainer.policy.parameters():
+        for p in r.parts.trainer.policy.parameters():
             p.add_(0.3 * p.std() * torch.randn_like(p))
-    r.engine.load_policy_weights(r.trainer.policy.state_dict().items())
+    r.parts.engine.load_policy_weights(r.parts.trainer.policy.state_dict().items())
     stale = measured_acceptance(r, prompts, n=24)  # a few thousand drafts
     # record fresh rollouts of the drifted policy through the controller's own hook, then refresh
     from codraft.batch import make_batch
 
-    gen = r.engine.generate(prompts, n=8, sampling=Sampling(1.0, 1.0, 40), seed=9)
-    batch = make_batch([prompts[x.prompt_index] for x in gen.completions], [x.token_ids for x in gen.completions], r.pad_id)
-    r.trainer.score(batch, on_forward=c.on_policy_forward(batch, gen))
-    examples = c._pending
-    c.holdout, c._pending = examples[:16], []
+    gen = r.parts.engine.generate(prompts, n=8, sampling=Sampling(1.0, 1.0, 40), seed=9)
+    batch = make_batch([prompts[x.prompt_index] for x in gen.completions], [x.token_ids for x in gen.completions], r.parts.prompts.pad_id)
+    r.parts.trainer.score(batch, on_forward=c.on_policy_forward(None))
+    examples = c.pending
+    c.holdout, c.pending = examples[:16], []
     c.buffer.append(examples[16:])
     candidate = copy.deepcopy(c.serving)
     from codraft.distill import distill, teacher_forced_alpha
 
-    parts, vocab = target_parts(r.trainer.policy), r.trainer.policy.config.vocab_size
+    parts, vocab = target_parts(r.parts.trainer.policy), r.parts.trainer.policy.config.vocab_size
     distill(candidate, examples[16:], parts, steps=150, k=c.k, loss="fkl", lr=1e-3, batch_size=16, vocab=vocab)
     before = teacher_forced_alpha(c.serving, c.holdout, parts, c.k, vocab).accept_len
     result = c.consider(candidate)
@@ -93,8 +93,8 @@ def test_distilled_drafter_raises_acceptance_after_swap(run):
 
 def test_bad_candidate_is_refused_and_old_drafter_keeps_serving(run):
     r, _ = run
-    c = r.controller
-    prompts = [p["ids"] for p in r.eval_prompts]
+    c = r.parts.controller
+    prompts = [p["ids"] for p in r.parts.prompts.held_out]
     version, before = c.version, measured_accept_len(r, prompts, seed=21)
     files = (r.dir / "drafter" / "model.safetensors").read_bytes()
     bad = copy.deepcopy(c.serving)
@@ -109,8 +109,8 @@ def test_bad_candidate_is_refused_and_old_drafter_keeps_serving(run):
 
 def test_misshaped_candidate_errors_before_touching_the_engine(run):
     r, _ = run
-    c = r.controller
-    prompts = [p["ids"] for p in r.eval_prompts]
+    c = r.parts.controller
+    prompts = [p["ids"] for p in r.parts.prompts.held_out]
     before = measured_accept_len(r, prompts, seed=22)
     wrong = copy.deepcopy(c.serving)
     wrong.fc = torch.nn.Linear(wrong.fc.in_features, wrong.fc.out_features + 8, bias=False)
@@ -129,12 +129,12 @@ def test_outputs_after_a_swap_are_still_lossless(run, tiny_cfg, tiny_policy_dir)
     from codraft.vllm_engine import VLLMEngine
 
     r, _ = run
-    assert r.controller.version >= 1
+    assert r.parts.controller.version >= 1
     plain = VLLMEngine(tiny_cfg, tiny_policy_dir)
     try:
-        plain.load_policy_weights(r.trainer.policy.state_dict().items())
-        r.engine.load_policy_weights(r.trainer.policy.state_dict().items())
-        report = check_lossless(plain, r.engine, [p["ids"] for p in r.eval_prompts[:6]], samples_per_prompt=160, positions=10, alpha=0.01, seed=13)
+        plain.load_policy_weights(r.parts.trainer.policy.state_dict().items())
+        r.parts.engine.load_policy_weights(r.parts.trainer.policy.state_dict().items())
+        report = check_lossless(plain, r.parts.engine, [p["ids"] for p in r.parts.prompts.held_out[:6]], samples_per_prompt=160, positions=10, alpha=0.01, seed=13)
         assert report.passed, f"min p {report.min_p:.2e}"
     finally:
         plain.close()

@@ -55,7 +55,7 @@ def test_two_grpo_steps_on_the_local_checkpoint_with_eagle3(run, checkpoint_dir)
     # the closing summary: acceptance first / mean / last, refreshes, and the cost model's speedup estimate
     from codraft.runner import summary_rows
 
-    rows = dict(summary_rows(records)) | r.controller.summary()
+    rows = dict(summary_rows(records)) | r.parts.controller.summary()
     first, mean, last = (float(x) for x in rows["acceptance length first / mean / last"].split(" / "))
     assert first == pytest.approx(steps[0]["spec/accept_len"], abs=0.005) and last == pytest.approx(steps[-1]["spec/accept_len"], abs=0.005)
     assert min(first, last) - 0.005 <= mean <= max(first, last) + 0.005
@@ -65,8 +65,8 @@ def test_two_grpo_steps_on_the_local_checkpoint_with_eagle3(run, checkpoint_dir)
 def test_lora_changes_only_adapter_weights(run, checkpoint_dir):
     r, _ = run
     original = load_file(checkpoint_dir / "model.safetensors")
-    state = r.trainer.policy.state_dict()
-    trainable = {n for n, p in r.trainer.policy.named_parameters() if p.requires_grad}
+    state = r.parts.trainer.policy.state_dict()
+    trainable = {n for n, p in r.parts.trainer.policy.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     for key, value in state.items():
         if ".lora_" in key:
@@ -79,18 +79,19 @@ def test_lora_changes_only_adapter_weights(run, checkpoint_dir):
 
 def test_engine_logprobs_match_the_merged_policy(run, checkpoint_dir):
     from codraft.batch import make_batch
+    from codraft.loop import engine_logprobs
 
     r, _ = run
-    r.engine.load_policy_weights(r.policy_weights().items())
-    prompts = [p["ids"] for p in r.eval_prompts]
-    gen = r.engine.generate(prompts, n=4, sampling=Sampling(1.0, 1.0, 32), seed=3)
-    batch = make_batch([prompts[c.prompt_index] for c in gen.completions], [c.token_ids for c in gen.completions], r.pad_id)
+    r.parts.engine.load_policy_weights(r.parts.policy.full_weights().items())
+    prompts = [p["ids"] for p in r.parts.prompts.held_out]
+    gen = r.parts.engine.generate(prompts, n=4, sampling=Sampling(1.0, 1.0, 32), seed=3)
+    batch = make_batch([prompts[c.prompt_index] for c in gen.completions], [c.token_ids for c in gen.completions], r.parts.prompts.pad_id)
     mask = batch.target_mask.float()
 
     def gap(logp):
-        return float(((r.engine_logp(batch, gen) - logp).abs() * mask).sum() / mask.sum())
+        return float(((engine_logprobs(batch, gen) - logp).abs() * mask).sum() / mask.sum())
 
-    merged = gap(r.trainer.score(batch, force=True).old_logp)
+    merged = gap(r.parts.trainer.score(batch, force=True).old_logp)
     from transformers import AutoModelForCausalLM
 
     from codraft.grpo import GRPOTrainer

@@ -6,11 +6,12 @@ import dataclasses
 import pytest
 import torch
 
+from codraft.drafter import DRAFTERS
 from codraft.lossless import biased_eagle3, check_lossless
 
 pytestmark = pytest.mark.integration
 
-KINDS = ["eagle3", "mtp", "draft_model"]
+KINDS = DRAFTERS.names()  # every registered kind, so a new module is served and checked here too
 K = 3
 
 
@@ -18,7 +19,7 @@ K = 3
 def setup(tiny_cfg, tiny_policy_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from codraft.tasks import make_task
+    from codraft.task import make_task
 
     tok = AutoTokenizer.from_pretrained(tiny_policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()

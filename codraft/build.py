@@ -1,0 +1,113 @@
+"""Build a run's components once (`Parts`), in an order that keeps seeded runs reproducible.
+
+    parts = build_parts(cfg, run_dir, task, splits)
+
+Order matters for the process RNG (module initialisation draws from it): the policy (and LoRA
+adapters), the frozen reference, the warm-started drafter, the data-parallel wrapping and the
+trainer, then the engine and the controller. Under torchrun the main rank owns the engine, the
+drafter and the outputs; the other ranks train on its batches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from codraft.config import Config
+from codraft.configfile import write_config
+from codraft.controller import Controller, NoController
+from codraft.costmodel import parse_k_schedule
+from codraft.distributed import DistState, DistributedTrainer, barrier, wrap_policy
+from codraft.drafter import Drafter, target_parts
+from codraft.engines import make_engine
+from codraft.grpo import GRPOTrainer
+from codraft.hardware import describe
+from codraft.io import atomic_write_text
+from codraft.lora import apply_lora
+from codraft.metrics import MetricsSink
+from codraft.precision import compute_dtype
+from codraft.parts import Parts, PolicyView, RunOutputs
+from codraft.prompts import Prompts
+from codraft.scoring import Scorer
+from codraft.task import Task
+from codraft.testbed import policy_source
+from codraft.warmstart import initial_drafter
+
+logger = logging.getLogger(__name__)
+
+
+def load_policy(path: Path, attention: str, device: torch.device):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention).to(device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"model.path: cannot load the policy from {path}: {str(err).splitlines()[0]}") from None
+
+
+def load_reference(path: Path, attention: str, device: torch.device):
+    """The frozen initial policy of the KL term."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention).to(device).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def find_policy_dir(cfg: Config, task: Task, dist: DistState) -> Path:
+    """The initial policy: the main rank builds (or finds) the testbed; the others then read the cache."""
+    path = policy_source(cfg, task) if dist.is_main else None
+    barrier(dist)
+    return path if path is not None else policy_source(cfg, task)
+
+
+def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState) -> Parts:
+    torch.manual_seed(cfg.run.seed)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    policy_dir = find_policy_dir(cfg, task, dist)
+    prompts = Prompts.load(cfg, task, splits, policy_dir)
+    attention = "eager" if dist.device.type == "cpu" else "sdpa"  # eager attention trains faster on CPU here
+    policy = apply_lora(load_policy(policy_dir, attention, dist.device), cfg.lora)  # LoRA: only adapters train
+    config, parts = policy.config, target_parts(policy)
+    reference = load_reference(policy_dir, attention, dist.device) if cfg.grpo.kl_coef > 0 else None
+    # the main rank owns the drafter and the engine; the drafter warm-starts on the unwrapped policy
+    serving = _serving_drafter(cfg, policy, prompts, policy_dir, run_dir) if dist.is_main and cfg.drafter.kind != "none" else None
+    policy = wrap_policy(policy, dist, cfg.dist.strategy)  # DDP / FSDP2 under torchrun, else as is
+    trainer_cls = DistributedTrainer if dist.distributed else GRPOTrainer
+    extra = (dist,) if dist.distributed else ()
+    trainer = trainer_cls(policy, cfg.grpo, *extra, temperature=cfg.rollout.temperature, reference=reference)
+    view = PolicyView(trainer, dist, config, parts)
+    out = Parts(cfg, dist, policy_dir, prompts, Scorer(task, prompts.tokenizer), trainer, view, NoController())
+    if dist.is_main:
+        k_schedule = parse_k_schedule(cfg.drafter.k_schedule, cfg.drafter.num_speculative_tokens, cfg.rollout.max_num_seqs) if serving else None
+        drafter_dir = run_dir / "drafter"
+        out.engine = make_engine(cfg, policy_dir, serving, drafter_dir if serving else None, k_schedule)
+        if serving is not None:
+            out.controller = Controller(cfg, serving, out.engine, view, drafter_dir, k_schedule)
+        write_hardware(cfg, run_dir, dist)
+        write_config(cfg, run_dir / "config.toml")  # last: a run that failed to start leaves no config behind
+        sink = MetricsSink(run_dir / "metrics.jsonl", tensorboard=cfg.output.tensorboard)
+        out.outputs = RunOutputs(run_dir, sink, prompts.tokenizer, cfg.output.samples_per_step, cfg.rollout.group_size)
+    return out
+
+
+def write_hardware(cfg: Config, run_dir: Path, dist: DistState) -> None:
+    """RUN_DIR/hardware.json: the machine, the engine mode and the training precision of this run."""
+    facts = describe(
+        engine_mode="eager" if cfg.rollout.enforce_eager else "compiled",
+        train_precision=compute_dtype(dist.device, cfg.grpo.autocast_bf16),
+        world_size=dist.world_size,
+    )
+    atomic_write_text(run_dir / "hardware.json", json.dumps(facts, indent=2) + "\n")
+
+
+def _serving_drafter(cfg: Config, policy, prompts: Prompts, policy_dir: Path, run_dir: Path) -> Drafter:
+    """The initial drafter (`drafter.path`, or the cached warm start), exported to RUN_DIR/drafter."""
+    serving, _ = initial_drafter(cfg, policy, prompts.warm_start(), policy_dir, prompts.eos_id, prompts.pad_id)
+    serving.eval()
+    serving.export(run_dir / "drafter")
+    return serving
