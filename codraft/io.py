@@ -5,10 +5,13 @@ new complete state, never half-written.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,9 +58,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename.
+    """Yield a temporary sibling directory; on success it replaces `path` atomically.
 
-    The previous contents of `path` stay in place until the new directory is complete.
+    The previous contents of `path` stay in place until the new directory is complete; the switch is
+    one atomic exchange of the two directories on Linux (`exchange_paths`), so `path` exists at every
+    instant (elsewhere, two renames).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,12 +70,13 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        fsync_tree(tmp)
+        if path.exists() and exchange_paths(tmp, path):  # one atomic step: `path` never goes missing
+            _fsync_dir(path.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # the old contents, now under the temporary name
+            return
         old = None
-        if path.exists():
+        if path.exists():  # no atomic exchange here: two renames, with an instant without `path`
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -81,6 +87,32 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    platform or the file system does not support it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root` and the directories holding them."""
+    for f in Path(root).rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(Path(root))
 
 
 def _jsonable(value: Any) -> Any:

