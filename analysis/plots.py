@@ -9,8 +9,11 @@ benchmark's JSON) and an output path, draws one figure and returns the path.
     plot_accuracy(runs, "accuracy.png")              # held-out accuracy and reward per step
     plot_rollout_bench("runs/bench_rollout.json", "bench.png")  # speedup vs running batch size
 
-Runs are labelled by the config keys that differ between them (`policy=threshold seed=1`); runs
-that differ only in `run.seed` share a colour and differ in line style.
+Runs are labelled by the config keys that differ between them (`policy=threshold seed=1`). Runs
+that differ only in `run.seed` are one configuration, with one colour: curves over steps (and
+acceptance per draft position) are drawn as their mean with a shaded 95% Student-t band (per step,
+over the seeds that have the step; `analysis.stats.mean_curve`); a configuration with one run is a
+plain line labelled "1 run". Bars and Pareto points stay one per run, line style telling seeds apart.
 """
 from __future__ import annotations
 
@@ -26,9 +29,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from analysis.runs import RunData, accept_len_series, decision_steps, run_label, series, summarize, varying_keys  # noqa: E402
+from analysis.stats import SEED_KEY, mean_curve  # noqa: E402
 from codraft.metrics import STAGES  # noqa: E402
-
-SEED_KEY = "run.seed"
 LINESTYLES = ["-", "--", ":", "-."]
 STAGE_COLORS = {"prepare": "#9e9e9e", "gen": "#1f77b4", "reward": "#bcbd22", "logprob": "#ff7f0e",
                 "train": "#2ca02c", "distill": "#d62728", "swap": "#9467bd"}
@@ -55,6 +57,38 @@ def _styles(runs: Sequence[RunData]) -> list[tuple[str, Any, str]]:
         i = seen[group] = seen.get(group, -1) + 1
         out.append((run_label(run, keys), palette(groups.index(group) % palette.N), LINESTYLES[i % len(LINESTYLES)]))
     return out
+
+
+def _configurations(runs: Sequence[RunData]) -> list[tuple[str, Any, list[RunData]]]:
+    """(label, colour, runs) per configuration (runs that differ only in the seed), in order of first
+    appearance; the label says how many seeds the curve averages, or that it is one run."""
+    keys = [k for k in varying_keys(runs) if k != SEED_KEY]
+    groups: dict[str, list[RunData]] = {}
+    for run in runs:
+        groups.setdefault(run_label(run, keys) if keys else "", []).append(run)
+    palette = matplotlib.colormaps["tab10" if len(groups) <= 10 else "tab20"]
+    out = []
+    for i, (name, members) in enumerate(groups.items()):
+        name = name or (members[0].name if len(members) == 1 else "all runs")
+        label = f"{name} (1 run)" if len(members) == 1 else f"{name} (mean of {len(members)} seeds, 95% band)"
+        out.append((label, palette(i % palette.N), members))
+    return out
+
+
+def _curve(ax, curves: list[tuple[list[Any], list[float]]], label: str, color: Any, **line: Any) -> dict[Any, float]:
+    """One configuration's curve: a single run as it is, several as the mean per x with a shaded 95%
+    t band; returns x -> the plotted y (empty when no curve has points)."""
+    curves = [c for c in curves if c[0]]
+    if not curves:
+        return {}
+    if len(curves) == 1:
+        xs, ys = curves[0]
+    else:
+        xs, band = mean_curve(curves)
+        ys = [iv.mean for iv in band]
+        ax.fill_between(xs, [iv.low for iv in band], [iv.high for iv in band], color=color, alpha=0.2, linewidth=0)
+    ax.plot(xs, ys, color=color, label=label, **line)
+    return dict(zip(xs, ys))
 
 
 def _figure(width: float = 10, height: float = 5) -> Figure:
@@ -86,20 +120,19 @@ def _legend(ax, handles=None, n: int = 0) -> None:
 
 
 def plot_staleness(runs: Sequence[RunData], path: Path) -> Path:
-    """(a) Mean acceptance length per GRPO step, one line per run; drafter swaps (▲) and refused
-    refreshes (×) marked on the step after which they happened."""
+    """(a) Mean acceptance length per GRPO step, one curve per configuration (the mean over its seeds
+    with a 95% band); drafter swaps (▲) and refused refreshes (×) marked on the step after which
+    they happened (in any of the configuration's seeds)."""
     fig = _figure()
     ax = fig.add_subplot()
     drawn = 0
-    for run, (label, color, style) in zip(runs, _styles(runs)):
-        xs, ys = accept_len_series(run)
-        if not xs:
+    for label, color, members in _configurations(runs):
+        at = _curve(ax, [accept_len_series(r) for r in members], label, color, marker=".", markersize=4, linewidth=1.5)
+        if not at:
             continue
         drawn += 1
-        ax.plot(xs, ys, linestyle=style, color=color, marker=".", markersize=4, linewidth=1.5, label=label)
-        at = dict(zip(xs, ys))
         for decision, marker, size in (("swap", "^", 70), ("refuse", "x", 50)):
-            pts = [(s, at[s]) for s in decision_steps(run, decision) if s in at]
+            pts = sorted({(s, at[s]) for r in members for s in decision_steps(r, decision) if s in at})
             if pts:
                 ax.scatter(*zip(*pts), marker=marker, s=size, color=color, edgecolors="black" if marker == "^" else None, linewidths=0.8, zorder=3)
     if not drawn:
@@ -112,23 +145,26 @@ def plot_staleness(runs: Sequence[RunData], path: Path) -> Path:
         ax.set_xlabel("GRPO step")
         ax.set_ylabel("mean acceptance length (tokens per verify step)")
         ax.grid(alpha=0.3)
-    ax.set_title("Drafter staleness: acceptance length per step, by run")
+    ax.set_title("Drafter staleness: acceptance length per step, by configuration")
     return _save(fig, path)
 
 
 def plot_position_acceptance(runs: Sequence[RunData], path: Path) -> Path:
     """(b) Per draft position i, the share of verify steps whose i-th drafted token was accepted
-    (counts summed over the run), one line per run."""
+    (counts summed over the run), one curve per configuration (mean over seeds, 95% band)."""
     fig = _figure(9, 5)
     ax = fig.add_subplot()
     drawn, kmax = 0, 0
-    for run, (label, color, style) in zip(runs, _styles(runs)):
-        rates = [r for r in summarize(run).pos_rates]
-        if not rates or all(math.isnan(r) for r in rates):
-            continue
-        drawn += 1
-        kmax = max(kmax, len(rates))
-        ax.plot(range(1, len(rates) + 1), rates, linestyle=style, color=color, marker="o", label=label)
+    for label, color, members in _configurations(runs):
+        curves = []
+        for run in members:
+            rates = summarize(run).pos_rates
+            pts = [(i, r) for i, r in enumerate(rates, 1) if not math.isnan(r)]
+            curves.append(([i for i, _ in pts], [r for _, r in pts]))
+        at = _curve(ax, curves, label, color, marker="o")
+        if at:
+            drawn += 1
+            kmax = max(kmax, max(at))
     if not drawn:
         _no_data(ax, "no per-position acceptance counts (spec/accepted_pos_<i>) in these runs")
     else:
@@ -218,16 +254,13 @@ def plot_pareto(runs: Sequence[RunData], path: Path) -> Path:
 
 
 def plot_accuracy(runs: Sequence[RunData], path: Path) -> Path:
-    """(f) Held-out accuracy (evaluation steps and the final line) and mean training reward per step."""
+    """(f) Held-out accuracy (evaluation steps and the final line) and mean training reward per step,
+    one curve per configuration (mean over seeds, 95% band)."""
     fig = _figure(12, 4.8)
     ax_eval, ax_reward = fig.subplots(1, 2)
-    for run, (label, color, style) in zip(runs, _styles(runs)):
-        xs, ys = series(run, "eval/accuracy", include_final=True)
-        if xs:
-            ax_eval.plot(xs, ys, linestyle=style, color=color, marker="o", markersize=4, label=label)
-        xs, ys = series(run, "reward/mean")
-        if xs:
-            ax_reward.plot(xs, ys, linestyle=style, color=color, linewidth=1.3, label=label)
+    for label, color, members in _configurations(runs):
+        _curve(ax_eval, [series(r, "eval/accuracy", include_final=True) for r in members], label, color, marker="o", markersize=4)
+        _curve(ax_reward, [series(r, "reward/mean") for r in members], label, color, linewidth=1.3)
     for ax, title, ylabel in ((ax_eval, "Held-out accuracy", "accuracy (share correct)"), (ax_reward, "Training reward", "mean reward per rollout")):
         if not ax.lines:
             _no_data(ax, f"no {title.lower()} recorded")

@@ -7,9 +7,12 @@ data URIs) and the configs that produced them, in one file that opens anywhere w
     python -m analysis.report runs/policies
 
 A directory is a sweep when it holds sweep.json or subdirectories with metrics.jsonl; otherwise it
-must be a run directory. The page holds: the results table (one row per run) and, when runs repeat
-over `run.seed`, the table grouped over seeds; every run's summary (raw counts, totals, derived
-figures); the staleness, per-position acceptance, stage-time, Pareto and accuracy plots; the
+must be a run directory. The page holds: the hardware the runs ran on (their hardware.json); the
+results table (one row per run); for a sweep, the table per configuration (the swept values but
+the seed: mean and 95% Student-t interval over its seeds, "1 seed: anecdote" with one) and, when
+the grid names a baseline, the paired differences against it (`analysis.stats`); every run's
+summary (raw counts, totals, derived figures); the staleness, per-position acceptance, stage-time,
+Pareto and accuracy plots (curves of a configuration's seeds as their mean with a 95% band); the
 rollout-benchmark plot when `--bench` is given; and each run's config.toml (and the sweep grid)
 in collapsible blocks.
 """
@@ -27,10 +30,11 @@ from typing import Annotated, Any
 
 import tyro
 
-from analysis.runs import RunData, Spread, column_title, find_run_dirs, fmt, group_rows, load_run, summarize, summary_row, varying_keys
+from analysis.runs import RunData, find_run_dirs, load_run, read_hardware, summarize, summary_row, varying_keys
+from analysis.stats import METRICS, SEED_KEY, configuration_rows, result_sections, seeds_note
+from analysis.tables import cell, column_title, hardware_note
 from codraft.io import atomic_write_text
-
-SEED_KEY = "run.seed"
+from codraft.cliargs import Command
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1240px;
@@ -52,8 +56,6 @@ pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.82em; 
 
 MAIN_COLUMNS = ["steps", "accept_len_first", "accept_len_mean", "accept_len_last", "swaps", "refusals",
                 "distill_swap_s", "gen_s_per_step", "step_s_mean", "wall_s", "eval_first", "eval_last"]
-GROUP_COLUMNS = ["accept_len_mean", "accept_len_last", "swaps", "refusals", "distill_swap_s",
-                 "gen_s_per_step", "step_s_mean", "wall_s", "eval_last"]
 
 PLOTS = [  # (function in analysis.plots, heading, caption); matplotlib is imported only when a report is built
     ("plot_staleness", "Drafter staleness",
@@ -77,14 +79,13 @@ def is_sweep_dir(path: Path) -> bool:
                                                 and any((p / "metrics.jsonl").is_file() for p in path.iterdir()))
 
 
-def html_table(rows: list[dict[str, Any]], columns: list[str], text_columns: set[str] = frozenset()) -> str:
-    def cell(row: dict[str, Any], column: str, value: Any) -> str:
-        shown = value.text(row.get("runs")) if isinstance(value, Spread) else fmt(value)
+def html_table(rows: list[dict[str, Any]], columns: list[str], text_columns: set[str] = frozenset(), runs_column: str = "n_seeds") -> str:
+    def td(row: dict[str, Any], column: str, value: Any) -> str:
         klass = ' class="text"' if column in text_columns or isinstance(value, str) else ""
-        return f"<td{klass}>{html.escape(shown)}</td>"
+        return f"<td{klass}>{html.escape(cell(value, row.get(runs_column)))}</td>"
 
     head = "".join(f'<th{" class=text" if c in text_columns else ""}>{html.escape(column_title(c))}</th>' for c in columns)
-    body = "".join("<tr>" + "".join(cell(r, c, r.get(c)) for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(td(r, c, r.get(c)) for c in columns) + "</tr>" for r in rows)
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
@@ -119,24 +120,27 @@ def build_report(path: Path, out: Path | None = None, bench: Path | None = None)
     status = {e["name"]: e.get("status", "") for e in state.get("runs", [])}
     rows = []
     for run in runs:
-        row = {"name": run.name, **{k: run.config_value(k) for k in keys}, **summary_row(summarize(run))}
+        row = {"name": run.name, SEED_KEY: run.config_value(SEED_KEY), **{k: run.config_value(k) for k in keys}, **summary_row(summarize(run))}
         row["status"] = status.get(run.name) or ("done" if run.finished else "incomplete")
         rows.append(row)
     sweep = is_sweep_dir(path)
     parts = [f"<h1>codraft report: {html.escape(path.resolve().name)}</h1>",
              f'<p class="meta">{"Sweep of " + str(len(runs)) + " runs" if sweep else "One run"} in <code>{html.escape(str(path.resolve()))}</code>; '
-             f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>"]
+             f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>",
+             f'<p class="meta">{html.escape(hardware_note({run.name: read_hardware(run.path) for run in runs}))}</p>']
     if state.get("runs") and len(state["runs"]) > len(runs):
         parts.append(f'<p class="note">{len(state["runs"]) - len(runs)} runs of the grid have no results yet.</p>')
 
-    parts += ["<h2>Results</h2>", html_table(rows, ["name", *keys, "status", *MAIN_COLUMNS], {"name", "status", *keys}),
+    if sweep and len(runs) > 1:  # the comparison first: one row per configuration, over its seeds
+        by = [k for k in keys if k != SEED_KEY]
+        baseline = state.get("grid", {}).get("baseline") or None
+        parts.append(f'<p class="meta">{html.escape(seeds_note(state.get("grid", {}).get("grid", {}).get(SEED_KEY, ())))}</p>')
+        for heading, table, columns, runs_column, note in result_sections(configuration_rows(rows, by, METRICS, baseline), by, baseline):
+            parts += [f"<h2>{html.escape(heading)}</h2>", html_table(table, columns, {*by, "note"}, runs_column), f'<p class="note">{html.escape(note)}</p>']
+    parts += ["<h2>Per run</h2>" if sweep else "<h2>Results</h2>", html_table(rows, ["name", *keys, "status", *MAIN_COLUMNS], {"name", "status", *keys}),
               '<p class="note">Acceptance lengths are 1 + accepted / drafts from summed counts (first / last: the first and last '
               "step that drafted). Times in seconds; per-step figures are means over steps; end-to-end = all steps + evaluations.</p>"]
-    by = [k for k in keys if k != SEED_KEY]
-    if len(runs) > 1 and SEED_KEY in keys:
-        finished = [r for r in rows if r["finished"]]
-        parts += [f"<h2>Grouped over <code>{SEED_KEY}</code>: mean ± std</h2>", html_table(group_rows(finished, by, GROUP_COLUMNS), by + ["runs"] + GROUP_COLUMNS, set(by))]
-    summary_columns = [c for c in rows[0] if c not in keys and c != "status"]
+    summary_columns = [c for c in rows[0] if c not in keys and c not in ("status", SEED_KEY)]
     parts += ["<h2>Summary per run</h2>", '<p class="note">Raw counts and totals, then figures derived from them.</p>']
     if len(rows) == 1:  # one run: a column of figures reads better than one very wide row
         parts.append(html_table([{"figure": column_title(c), "value": rows[0][c]} for c in summary_columns], ["figure", "value"], {"figure"}))
@@ -188,7 +192,7 @@ def cmd_report(args: ReportArgs) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from codraft.cli import main
+COMMAND = Command("report", ReportArgs, cmd_report)
 
-    sys.exit(main(["report", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(cmd_report(tyro.cli(ReportArgs, prog="python -m analysis.report")))

@@ -6,14 +6,16 @@ summary statistics that sweep tables, plots and reports are built from.
     s = summarize(run)                           # RunSummary: counts and totals; ratios are properties
     s.accept_len_mean, s.swaps, s.mean_stage_s["gen"], s.wall_s
     runs = [load_run(d) for d in find_run_dirs("runs/sweep")]
+    read_hardware("runs/smoke")                  # hardware.json: the machine the run ran on (or None)
 
 Nothing here runs anything; it reads only what `codraft run` wrote (config.toml, metrics.jsonl,
-samples.jsonl). Acceptance over several steps is summed from each step's raw counts
+samples.jsonl, hardware.json). Acceptance over several steps is summed from each step's raw counts
 (`spec/drafts`, `spec/accepted`, `spec/accepted_pos_<i>`), so a mean over steps weights every
 verify step equally instead of averaging per-step ratios.
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import tomllib
@@ -70,6 +72,15 @@ def is_finished(run_dir: Path) -> bool:
     return any(r.get("final") for r in records)
 
 
+def read_hardware(run_dir: Path) -> dict[str, Any] | None:
+    """The run's hardware.json (`codraft.hardware.describe`): the machine it ran on; None when missing."""
+    path = Path(run_dir) / "hardware.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def find_run_dirs(path: Path) -> list[Path]:
     """`path` itself if it is a run directory, else its subdirectories holding metrics.jsonl
     (sorted by name; runs moved aside as `<name>.incomplete-<n>` are left out)."""
@@ -101,7 +112,7 @@ def load_run(run_dir: Path) -> RunData:
 # ---------------------------------------------------------------------------------- series
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
@@ -111,7 +122,7 @@ def series(run: RunData, key: str, include_final: bool = False) -> tuple[list[in
     """(steps, values) of a numeric metric over the steps that recorded it as a finite number."""
     xs, ys = [], []
     for r in run.records if include_final else run.steps:
-        y = _number(r.get(key))
+        y = number(r.get(key))
         if y is not None:
             xs.append(int(r["step"]))
             ys.append(y)
@@ -273,7 +284,7 @@ def summarize(run: RunData) -> RunSummary:
     drafted = [a for a in drafted if a.drafts]
     total = sum(drafted, AcceptanceStats())
     decisions = [r.get("controller/decision") for r in run.steps]
-    stage_s = {s: sum(_number(r.get(f"time/{s}_s")) or 0.0 for r in run.steps) for s in STAGES}
+    stage_s = {s: sum(number(r.get(f"time/{s}_s")) or 0.0 for r in run.steps) for s in STAGES}
     _, rewards = series(run, "reward/mean")
     window = max(1, len(rewards) // 5)
     _, evals = series(run, "eval/accuracy", include_final=True)
@@ -287,8 +298,8 @@ def summarize(run: RunData) -> RunSummary:
         swaps=decisions.count("swap"),
         refusals=decisions.count("refuse"),
         stage_s=stage_s,
-        step_s=sum(_number(r.get("time/step_s")) or 0.0 for r in run.steps),
-        eval_s=sum(_number(r.get("time/eval_s")) or 0.0 for r in run.records),
+        step_s=sum(number(r.get("time/step_s")) or 0.0 for r in run.steps),
+        eval_s=sum(number(r.get("time/eval_s")) or 0.0 for r in run.records),
         eval_first=evals[0] if evals else math.nan,
         eval_last=evals[-1] if evals else math.nan,
         reward_first=statistics.fmean(rewards[:window]) if rewards else math.nan,
@@ -324,78 +335,3 @@ def summary_row(s: RunSummary) -> dict[str, Any]:
     row["gen_share"] = s.stage_shares["gen"]
     row.update({"eval_first": s.eval_first, "eval_last": s.eval_last, "reward_first": s.reward_first, "reward_last": s.reward_last})
     return row
-
-
-# ---------------------------------------------------------------------------------- grouping
-
-
-@dataclass(frozen=True)
-class Spread:
-    """Mean and sample standard deviation of one figure over the runs of a group (e.g. seeds)."""
-
-    mean: float
-    """Mean over the runs with a finite value."""
-    std: float
-    """Sample standard deviation (NaN with fewer than two runs)."""
-    n: int
-    """Runs with a finite value."""
-
-    @classmethod
-    def of(cls, values: Iterable[Any]) -> "Spread":
-        xs = [x for x in (_number(v) for v in values) if x is not None]
-        if not xs:
-            return cls(math.nan, math.nan, 0)
-        return cls(statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan, len(xs))
-
-    def text(self, runs: int | None = None) -> str:
-        """`mean ± std`, with `(n=...)` added when fewer than `runs` runs had a value."""
-        if not self.n:
-            return "–"
-        spread = f" ± {self.std:.2g}" if self.n > 1 else ""
-        return f"{fmt(self.mean)}{spread}" + ("" if self.n == runs else f" (n={self.n})")
-
-    def __str__(self) -> str:
-        return self.text()
-
-
-def group_rows(rows: list[dict[str, Any]], by: list[str], columns: list[str]) -> list[dict[str, Any]]:
-    """One row per distinct combination of the `by` columns (in order of first appearance): those
-    columns, `runs` (the group's size) and each of `columns` as a `Spread` over the group."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(repr(row.get(k)) for k in by), []).append(row)
-    out = []
-    for members in groups.values():
-        grouped: dict[str, Any] = {k: members[0].get(k) for k in by}
-        grouped["runs"] = len(members)
-        grouped.update({c: Spread.of(m.get(c) for m in members) for c in columns})
-        out.append(grouped)
-    return out
-
-
-COLUMN_TITLES = {
-    "name": "run", "finished": "finished", "steps": "steps", "drafts": "drafts", "draft_tokens": "draft tokens",
-    "accepted": "accepted", "accept_len_first": "accept len first", "accept_len_mean": "accept len mean",
-    "accept_len_last": "accept len last", "accept_rate": "accept rate", "swaps": "swaps", "refusals": "refusals",
-    "distill_swap_s": "distill+swap s", "gen_s": "gen s", "step_s": "all steps s", "eval_s": "eval s",
-    "wall_s": "end-to-end s", "step_s_mean": "step s/step", "gen_share": "gen share", "eval_first": "eval acc first",
-    "eval_last": "eval acc last", "reward_first": "reward first", "reward_last": "reward last", "runs": "runs",
-}
-
-
-def column_title(column: str) -> str:
-    """A table header for a `summary_row` column (`gen_s_per_step` -> `gen s/step`); other names as they are."""
-    if column.endswith("_s_per_step"):
-        return column[: -len("_s_per_step")] + " s/step"
-    return COLUMN_TITLES.get(column, column)
-
-
-def fmt(value: Any) -> str:
-    """A table cell: floats with 3 significant figures (more for large values), NaN as an en dash."""
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value).lower()
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "–"
-        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
-    return str(value)

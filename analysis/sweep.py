@@ -2,19 +2,26 @@
 
     codraft sweep --grid analysis/grids/policies.toml --out runs/policies
     codraft sweep --grid analysis/grids/policies.toml --dry-run        # validate every config, show the plan
-    codraft sweep --grid analysis/grids/policies.toml --table-only     # (re)write results.csv and results.md
+    codraft sweep --grid analysis/grids/policies.toml --table-only     # (re)write results.csv, runs.csv, results.md
     python -m analysis.sweep --grid analysis/grids/policies.toml       # the same without the console script
 
 A grid file is TOML. Keys are config keys, quoted or written as nested tables:
 
     preset = "smoke"                         # optional (else "default"; --base-preset wins)
+    seeds = [0, 1, 2]                        # optional: every configuration runs with each seed
+    baseline = { "controller.policy" = "every_n" }   # optional: the configuration others are compared to
     [base]                                   # fixed overrides applied to every run
     "run.steps" = 20
     [grid]                                   # config key -> list of values; their product is swept
     "controller.policy" = ["never", "every_n", "threshold"]
     "drafter.kind" = ["eagle3"]
     "drafter.num_speculative_tokens" = [3]
-    "run.seed" = [0, 1, 2]
+
+A configuration is one combination of the [grid] values; each runs once per seed. `seeds = [...]`
+is the same as a `"run.seed" = [...]` axis in [grid] (swept last, so a configuration's seeds run
+one after another); giving both is refused. Without either, each configuration runs once with the
+preset's seed: an anecdote, and the tables say so. `baseline` names one configuration by some of
+its [grid] values; a baseline that matches no configuration or several is refused.
 
 Every combination's config is validated (`codraft.configfile.load_config`, then the refresh policy and
 drafter kind names) before the first run starts. Each combination runs as
@@ -22,14 +29,15 @@ drafter kind names) before the first run starts. Each combination runs as
 after the other; names read like `policy-never__kind-eagle3__k-3__seed-0`. The sweep resumes: a
 run whose metrics.jsonl ends with the final line is skipped; a directory left by a killed run is
 renamed `<name>.incomplete-<n>` (never deleted) and the run starts again. `sweep.json` (grid,
-runs, status) is rewritten atomically after every change. At the end, `results.csv` (one row per
-run: raw counts, totals, derived figures) and `results.md` (per run, and grouped over `run.seed`
-as mean ± std (n)) are written into the sweep directory.
+runs, status) is rewritten atomically after every change. At the end the sweep directory gets
+`results.csv`, one row per configuration (`analysis.stats.configuration_rows`: `n_seeds`, a `note`
+that says "1 seed: anecdote" when so, `<m>_mean`, `<m>_ci95_low`, `<m>_ci95_high` per figure, and
+with a baseline `n_pairs` and `<m>_diff_mean`, ... paired by seed); `runs.csv`, one row per run
+(raw counts, totals, derived figures); and `results.md`: the hardware (from each run's
+hardware.json), the seeds, the interval method, then both tables.
 """
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import math
@@ -43,12 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from analysis.runs import Spread, column_title, fmt, group_rows, is_finished, load_run, short_key, summarize, summary_row
+from analysis.runs import flat_config, is_finished, load_run, read_hardware, short_key, summarize, summary_row
+from analysis.stats import METRICS, SEED_KEY, configuration_rows, flat_row, result_sections, seeds_note, select_baseline
+from analysis.tables import hardware_note, results_markdown, write_csv
 from codraft.config import ConfigError
+from codraft.cliargs import Command
 from codraft.configfile import load_config
 from codraft.io import atomic_write_text
-
-SEED_KEY = "run.seed"
 
 
 @dataclass(frozen=True)
@@ -61,13 +70,25 @@ class Grid:
     """(config key, value) fixed for every run, applied before the swept keys."""
     preset: str = "default"
     """Preset underneath every run."""
+    baseline: tuple[tuple[str, Any], ...] = ()
+    """(config key, value) naming the configuration the others are compared to; () for none."""
 
     @property
     def keys(self) -> list[str]:
         return [key for key, _ in self.axes]
 
+    @property
+    def config_keys(self) -> list[str]:
+        """The swept keys that make a configuration: all but the seed."""
+        return [key for key in self.keys if key != SEED_KEY]
+
+    def configurations(self) -> list[dict[str, Any]]:
+        """The swept values but the seed, one dict per configuration, in sweep order."""
+        return [dict(zip(self.config_keys, c)) for c in itertools.product(*(v for k, v in self.axes if k != SEED_KEY))]
+
     def as_dict(self) -> dict[str, Any]:
-        return {"preset": self.preset, "base": dict(self.base), "grid": {k: list(v) for k, v in self.axes}}
+        out = {"preset": self.preset, "base": dict(self.base), "grid": {k: list(v) for k, v in self.axes}}
+        return out | ({"baseline": dict(self.baseline)} if self.baseline else {})
 
 
 @dataclass(frozen=True)
@@ -89,36 +110,46 @@ Runner = Callable[[SweepRun, Path, str], int]
 # ---------------------------------------------------------------------------------- grid file
 
 
-def _flatten(table: dict[str, Any], where: str, prefix: str = "") -> list[tuple[str, Any]]:
+def _flatten(table: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     """Nested TOML tables to (dotted key, leaf value) pairs."""
-    out = []
-    for key, value in table.items():
-        if isinstance(value, dict):
-            if not value:
-                raise ConfigError(f"{where}: '{prefix}{key}' is an empty table")
-            out += _flatten(value, where, f"{prefix}{key}.")
-        else:
-            out.append((prefix + key, value))
-    return out
+    pairs = list(flat_config(table).items())
+    for key, value in pairs:
+        if value == {}:
+            raise ConfigError(f"{where}: '{key}' is an empty table")
+    return pairs
 
 
 def parse_grid(data: dict[str, Any], preset: str | None = None, where: str = "grid file") -> Grid:
     """A `Grid` from a parsed grid file; `preset` (from --base-preset) overrides the file's."""
-    unknown = sorted(set(data) - {"preset", "base", "grid"})
+    unknown = sorted(set(data) - {"preset", "seeds", "baseline", "base", "grid"})
     if unknown:
-        raise ConfigError(f"{where}: unknown top-level key(s) {', '.join(map(repr, unknown))}; expected 'preset', '[base]' and '[grid]'")
-    if not isinstance(data.get("grid"), dict) or not data["grid"]:
-        raise ConfigError(f"{where}: needs a non-empty [grid] table of config keys mapped to lists of values")
+        raise ConfigError(f"{where}: unknown top-level key(s) {', '.join(map(repr, unknown))}; expected 'preset', 'seeds', 'baseline', '[base]' and '[grid]'")
+    if not isinstance(data.get("grid", {}), dict) or not (data.get("grid") or "seeds" in data):
+        raise ConfigError(f"{where}: needs a non-empty [grid] table of config keys mapped to lists of values (or only top-level 'seeds')")
     axes = []
-    for key, values in _flatten(data["grid"], where):
+    for key, values in _flatten(data.get("grid", {}), where):
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: [grid] '{key}' must be a non-empty list of values (put a fixed value under [base])")
         axes.append((key, tuple(values)))
     base = tuple(_flatten(data.get("base", {}), where))
+    if "seeds" in data:
+        seeds = data["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise ConfigError(f"{where}: 'seeds' must be a non-empty list of integers, e.g. seeds = [0, 1, 2]")
+        for table, pairs in (("[grid]", axes), ("[base]", base)):
+            if SEED_KEY in dict(pairs):
+                raise ConfigError(f"{where}: the seed is given twice, by top-level 'seeds' and by {table} '{SEED_KEY}'; keep one")
+        axes.append((SEED_KEY, tuple(seeds)))
     clash = sorted(set(dict(base)) & set(dict(axes)))
     if clash:
         raise ConfigError(f"{where}: key(s) {', '.join(clash)} appear in both [base] and [grid]")
-    return Grid(tuple(axes), base, preset or data.get("preset", "default"))
+    baseline = data.get("baseline", {})
+    if not isinstance(baseline, dict) or ("baseline" in data and not baseline):
+        raise ConfigError(f"{where}: 'baseline' must be a table of [grid] keys and values, e.g. baseline = {{ \"controller.policy\" = \"every_n\" }}")
+    grid = Grid(tuple(axes), base, preset or data.get("preset", "default"), tuple(_flatten(baseline, where)))
+    if grid.baseline:
+        select_baseline(grid.configurations(), dict(grid.baseline), {k: list(v) for k, v in grid.axes if k != SEED_KEY}, where)
+    return grid
 
 
 def read_grid(path: Path, preset: str | None = None) -> Grid:
@@ -289,55 +320,32 @@ def run_sweep(grid: Grid, out: Path, runner: Runner = subprocess_runner, log: Ca
 
 # ---------------------------------------------------------------------------------- results
 
-RUN_COLUMNS = ["steps", "accept_len_first", "accept_len_mean", "accept_len_last", "swaps", "refusals", "distill_swap_s",
-               "gen_s_per_step", "step_s_mean", "wall_s", "eval_last", "finished"]
-GROUP_COLUMNS = ["accept_len_mean", "accept_len_last", "swaps", "refusals", "distill_swap_s", "gen_s_per_step",
-                 "logprob_s_per_step", "train_s_per_step", "step_s_mean", "wall_s", "eval_last"]
-
-
 def result_rows(out: Path, grid: Grid) -> list[dict[str, Any]]:
-    """One row per grid run that has metrics: its swept values, then `summary_row` of its summary."""
+    """One row per grid run that has metrics: its swept values (and its seed), then `summary_row`."""
     rows = []
     for run in expand(grid):
         run_dir = Path(out) / run.name
         if (run_dir / "metrics.jsonl").is_file():
-            rows.append({"name": run.name, **dict(run.values), **summary_row(summarize(load_run(run_dir)))})
+            data = load_run(run_dir)
+            values = {SEED_KEY: data.config_value(SEED_KEY)} | dict(run.values)
+            rows.append({"name": run.name, **values, **summary_row(summarize(data))})
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    head = "| " + " | ".join(column_title(c) for c in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(r[c].text(r.get("runs")) if isinstance(r.get(c), Spread) else fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join([head, rule, *body])
-
-
-def write_results(out: Path, grid: Grid) -> tuple[Path, Path]:
-    """Write results.csv (every column, one row per run) and results.md (per run and grouped over seeds)."""
+def write_results(out: Path, grid: Grid) -> tuple[Path, Path, Path]:
+    """Write results.csv (one row per configuration: means, intervals, paired differences), runs.csv
+    (one row per run) and results.md (hardware, seeds, interval method, both tables)."""
     out = Path(out)
     rows = result_rows(out, grid)
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns or ["name"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({c: (json.dumps(v) if isinstance(v, (list, dict)) else v) for c, v in r.items()} for r in rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
-
-    by = [k for k in grid.keys if k != SEED_KEY]
-    total = math.prod(len(v) for _, v in grid.axes)
-    lines = [f"# Sweep results: {out.name}", "", f"{len(rows)} of {total} runs have results (preset `{grid.preset}`)."]
-    if grid.base:
-        lines.append("Fixed for every run: " + ", ".join(f"`{k}={toml_literal(v)}`" for k, v in grid.base) + ".")
-    lines += ["", "## Per run", "", markdown_table(rows, ["name", *RUN_COLUMNS]), ""]
-    finished = [r for r in rows if r["finished"]]
-    over = f"over `{SEED_KEY}`" if SEED_KEY in grid.keys else f"(no `{SEED_KEY}` axis: one run per group)"
-    lines += [f"## Grouped {over}: mean ± std, finished runs only ((n=...) where fewer runs had a value)", "", markdown_table(group_rows(finished, by, GROUP_COLUMNS), by + ["runs"] + GROUP_COLUMNS), ""]
-    lines += ["Acceptance lengths come from summed counts (1 + accepted / drafts); times are seconds,",
-              "per step as the mean over steps; end-to-end = all steps + evaluations of the run.", ""]
-    atomic_write_text(out / "results.md", "\n".join(lines))
-    return out / "results.csv", out / "results.md"
+    confs = configuration_rows(rows, grid.config_keys, METRICS, dict(grid.baseline) or None)
+    write_csv(out / "runs.csv", rows)
+    write_csv(out / "results.csv", [flat_row(c) for c in confs], first="n_seeds")
+    fixed = " Fixed for every run: " + ", ".join(f"`{k}={toml_literal(v)}`" for k, v in grid.base) + "." if grid.base else ""
+    head = [f"{len(rows)} of {math.prod(len(v) for _, v in grid.axes)} runs have results (preset `{grid.preset}`).{fixed}",
+            hardware_note({r["name"]: read_hardware(out / r["name"]) for r in rows}), seeds_note(dict(grid.axes).get(SEED_KEY, ()))]
+    sections = result_sections(confs, grid.config_keys, dict(grid.baseline))
+    atomic_write_text(out / "results.md", results_markdown(f"Sweep results: {out.name}", head, sections, rows))
+    return out / "results.csv", out / "results.md", out / "runs.csv"
 
 
 # ---------------------------------------------------------------------------------- command line
@@ -348,7 +356,7 @@ class SweepArgs:
     """Run a grid of configs (their cartesian product) resumably; tabulate acceptance, refreshes and stage times."""
 
     grid: Path
-    """TOML grid file: `[grid]` config keys -> lists of values, optional `[base]` fixed overrides and `preset`."""
+    """TOML grid file: `[grid]` config keys -> lists of values; optional `seeds`, `baseline`, `[base]` fixed overrides, `preset`."""
     out: Path | None = None
     """Sweep directory (default: runs/<grid file name without .toml>)."""
     base_preset: str | None = None
@@ -356,7 +364,7 @@ class SweepArgs:
     dry_run: bool = False
     """Validate every config and print what would run, without running or writing anything."""
     table_only: bool = False
-    """Only (re)write results.csv and results.md from the run directories already there."""
+    """Only (re)write results.csv, runs.csv and results.md from the run directories already there."""
 
 
 def cmd_sweep(args: SweepArgs) -> int:
@@ -383,7 +391,9 @@ def cmd_sweep(args: SweepArgs) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    from codraft.cli import main
+COMMAND = Command("sweep", SweepArgs, cmd_sweep)
 
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+if __name__ == "__main__":
+    import tyro
+
+    sys.exit(cmd_sweep(tyro.cli(SweepArgs, prog="python -m analysis.sweep")))

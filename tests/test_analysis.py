@@ -18,7 +18,9 @@ import pytest
 from analysis import plots
 from analysis.report import build_report, is_sweep_dir
 from analysis.runs import accept_len_series, decision_steps, find_run_dirs, is_finished, load_run, summarize, varying_keys
-from analysis.sweep import Grid, expand, parse_grid, read_grid, run_command, run_sweep
+from analysis.stats import METRICS, mean_curve, paired_interval, t_interval
+from analysis.sweep import Grid, expand, parse_grid, read_grid, run_command, run_sweep, write_results
+from analysis.tables import hardware_note
 from codraft.config import ConfigError
 from codraft.configfile import load_config, write_config
 from codraft.io import append_jsonl
@@ -276,22 +278,26 @@ def test_results_tables(tmp_path):
     out = tmp_path / "s"
     grid = parse_grid({"preset": "smoke", "base": {"drafter.kind": "eagle3"}, "grid": {"controller.policy": ["never", "threshold"], "run.seed": [0, 1]}})
     run_sweep(grid, out, runner=fake_runner([]), log=lambda *_: None)
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["name"] for r in rows] == [r.name for r in expand(grid)]
-    assert {"controller.policy", "run.seed", "drafts", "accepted", "accept_len_mean", "swaps", "gen_s_per_step", "wall_s"} <= set(rows[0])
-    for row in rows:
+    runs = read_csv(out / "runs.csv")  # one row per run
+    assert [r["name"] for r in runs] == [r.name for r in expand(grid)]
+    assert {"controller.policy", "run.seed", "drafts", "accepted", "accept_len_mean", "swaps", "gen_s_per_step", "wall_s"} <= set(runs[0])
+    for row in runs:
         s = summarize(load_run(out / row["name"]))
         assert float(row["accept_len_mean"]) == pytest.approx(s.accept_len_mean)
         assert int(row["drafts"]) == s.accept_total.drafts and int(row["swaps"]) == s.swaps
+    confs = read_csv(out / "results.csv")  # one row per configuration
+    assert [(r["controller.policy"], r["n_seeds"]) for r in confs] == [("never", "2"), ("threshold", "2")]
+    assert "run.seed" not in confs[0] and "baseline" not in confs[0] and "n_pairs" not in confs[0]  # no baseline named
     md = (out / "results.md").read_text()
-    assert "4 of 4 runs have results" in md and "## Grouped over `run.seed`" in md
+    assert "4 of 4 runs have results" in md and "## Per configuration: mean [95% Student-t interval] over seeds" in md
+    assert "Seeds: 2 per configuration (run.seed = 0, 1)" in md and "scipy.stats.t" in md and "## Per run" in md
+    assert "Hardware: not recorded" in md  # the synthetic runs wrote no hardware.json
     group_lines = [line for line in md.splitlines() if line.startswith("| threshold |")]
-    assert len(group_lines) == 1 and group_lines[0].startswith("| threshold | 2 | ")  # two seeds in the group
-    # threshold: one swap and one refusal per seed -> mean 1 with zero spread
-    assert "| 1 ± 0 | 1 ± 0 |" in group_lines[0]
+    assert len(group_lines) == 1 and group_lines[0].startswith("| threshold | 2 | 2 seeds | ")  # two seeds in the group
+    # threshold: one swap and one refusal per seed -> mean 1 with a zero-width interval
+    assert "| 1 [1, 1] | 1 [1, 1] |" in group_lines[0]
     means = [summarize(load_run(out / r.name)).accept_len_mean for r in expand(grid) if dict(r.values)["controller.policy"] == "threshold"]
-    assert group_lines[0].split(" | ")[2].startswith(f"{sum(means) / 2:.3g} ± ")
+    assert group_lines[0].split(" | ")[3].startswith(f"{sum(means) / 2:.3g} [")
 
     (out / "results.md").unlink()
     from codraft.cli import main
@@ -300,6 +306,11 @@ def test_results_tables(tmp_path):
     grid_file.write_text('preset = "smoke"\n[base]\n"drafter.kind" = "eagle3"\n[grid]\n"controller.policy" = ["never", "threshold"]\n"run.seed" = [0, 1]\n')
     assert main(["sweep", "--grid", str(grid_file), "--out", str(out), "--table-only"]) == 0
     assert (out / "results.md").read_text().count("\n") == md.count("\n")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):
@@ -311,6 +322,157 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "8 runs" in text and "policy-every_n__k-3__seed-1" in text and "--preset smoke" in text
     assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------------- seeds and intervals
+
+T975_DF3 = 3.182446305284263  # Student t, 97.5% quantile, 3 degrees of freedom (printed tables: 3.182)
+T975_DF2 = 4.302652729911275  # ... 2 degrees of freedom (tables: 4.303)
+
+
+def test_t_interval_of_known_values():
+    iv = t_interval([2.0, 2.4, 2.2, 2.6])
+    sd = math.sqrt((0.3**2 + 0.1**2 + 0.1**2 + 0.3**2) / 3)  # sample standard deviation, n - 1 = 3
+    half = T975_DF3 * sd / math.sqrt(4)
+    assert (iv.mean, iv.n) == (pytest.approx(2.3), 4)
+    assert iv.low == pytest.approx(2.3 - half, abs=1e-9) and iv.high == pytest.approx(2.3 + half, abs=1e-9)
+    assert half == pytest.approx(0.410852, abs=1e-6)
+    assert iv.text() == "2.3 [1.89, 2.71]"
+    skipped = t_interval([2.0, None, 2.4, math.nan, "x", 2.2, 2.6, True])  # only finite numbers count
+    assert skipped == iv
+    one = t_interval([1.5])
+    assert one.mean == 1.5 and one.n == 1 and math.isnan(one.low) and math.isnan(one.high) and one.text() == "1.5"
+    none = t_interval([])
+    assert none.n == 0 and math.isnan(none.mean) and none.text() == "–"
+    same = t_interval([3, 3, 3])
+    assert (same.low, same.mean, same.high) == (3, 3, 3)
+    assert t_interval([2.0, 2.4, 2.2]).text(runs=4) == "2.2 [1.7, 2.7] (n=3)"  # a figure only 3 of 4 seeds had
+
+
+def test_paired_interval_over_common_seeds():
+    a = {0: 2.0, 1: 2.5, 2: 3.0, 3: 9.9}  # seed 3: the baseline did not finish it, so it is not paired
+    b = {0: 1.0, 1: 1.7, 2: 1.8, 4: 0.0}
+    d = paired_interval(a, b)  # differences 1.0, 0.8, 1.2: mean 1.0, s = 0.2
+    half = T975_DF2 * 0.2 / math.sqrt(3)
+    assert d.n == 3 and d.mean == pytest.approx(1.0)
+    assert (d.low, d.high) == (pytest.approx(1.0 - half), pytest.approx(1.0 + half))
+    # pairing by seed removes what the seeds share: the unpaired intervals overlap, the paired one excludes 0
+    assert t_interval(a[s] for s in (0, 1, 2)).low < t_interval(b[s] for s in (0, 1, 2)).high and d.low > 0
+    assert paired_interval({0: 1.0}, {1: 1.0}).n == 0
+
+
+def test_mean_curve_per_step_over_the_seeds_that_have_it():
+    steps, band = mean_curve([([0, 1, 2], [1.0, 2.0, 3.0]), ([0, 1], [3.0, 4.0]), ([0, 1, 2, 3], [2.0, 3.0, 3.0, 5.0])])
+    assert steps == [0, 1, 2, 3] and [iv.n for iv in band] == [3, 3, 2, 1]
+    assert band[0] == t_interval([1.0, 3.0, 2.0]) and band[2].mean == 3.0 and band[2].low == band[2].high == 3.0
+    assert band[3].mean == 5.0 and math.isnan(band[3].low)  # one seed reached step 3: no band there
+
+
+def seeded_grid(**extra) -> dict:
+    return {"preset": "smoke", "base": {"drafter.kind": "eagle3"}, "grid": {"controller.policy": ["never", "every_n", "threshold"]}, **extra}
+
+
+def test_seeds_and_baseline_in_the_grid_file(tmp_path):
+    grid = parse_grid(seeded_grid(seeds=[0, 1, 2], baseline={"controller.policy": "every_n"}))
+    as_axis = parse_grid(seeded_grid() | {"grid": {"controller.policy": ["never", "every_n", "threshold"], "run.seed": [0, 1, 2]}})
+    assert expand(grid) == expand(as_axis)  # `seeds` is a run.seed axis, swept last
+    assert [r.name for r in expand(grid)][:4] == ["policy-never__seed-0", "policy-never__seed-1", "policy-never__seed-2", "policy-every_n__seed-0"]
+    assert grid.config_keys == ["controller.policy"] and grid.baseline == (("controller.policy", "every_n"),)
+    assert grid.as_dict()["baseline"] == {"controller.policy": "every_n"}
+    path = tmp_path / "g.toml"  # the grid file form, baseline as an inline table
+    path.write_text('preset = "smoke"\nseeds = [0, 1]\nbaseline = { "controller.policy" = "never" }\n[grid]\n"controller.policy" = ["never", "every_n"]\n')
+    assert read_grid(path).keys == ["controller.policy", "run.seed"] and dict(read_grid(path).baseline) == {"controller.policy": "never"}
+    policies = read_grid(Path(__file__).resolve().parent.parent / "analysis" / "grids" / "policies.toml")
+    assert dict(policies.axes)["run.seed"] == (0, 1, 2) and dict(policies.baseline) == {"controller.policy": "every_n"}
+
+
+def test_seeds_clash_and_bad_baselines_are_refused():
+    with pytest.raises(ConfigError, match=r"seed is given twice.*'seeds'.*\[grid\] 'run\.seed'"):
+        parse_grid(seeded_grid(seeds=[0, 1]) | {"grid": {"controller.policy": ["never"], "run.seed": [0, 1]}})
+    with pytest.raises(ConfigError, match=r"seed is given twice.*\[base\] 'run\.seed'"):
+        parse_grid(seeded_grid(seeds=[0, 1]) | {"base": {"run.seed": 3}})
+    for bad in ([], [0, "1"], 3, [True]):
+        with pytest.raises(ConfigError, match="'seeds' must be a non-empty list of integers"):
+            parse_grid(seeded_grid(seeds=bad))
+    two_axes = seeded_grid(seeds=[0]) | {"grid": {"controller.policy": ["never", "every_n"], "drafter.num_speculative_tokens": [2, 3]}}
+    keys = r"'controller\.policy' in \['never', 'every_n'\]; 'drafter\.num_speculative_tokens' in \[2, 3\]"
+    with pytest.raises(ConfigError, match=r"baseline controller\.policy=every_n matches 2 configurations, not one; .*" + keys):
+        parse_grid(two_axes | {"baseline": {"controller.policy": "every_n"}})
+    with pytest.raises(ConfigError, match=r"baseline controller\.policy=drift, drafter\.num_speculative_tokens=3 matches no configuration; .*" + keys):
+        parse_grid(two_axes | {"baseline": {"controller.policy": "drift", "drafter.num_speculative_tokens": 3}})
+    with pytest.raises(ConfigError, match=r"matches no configuration \('run\.steps' not swept in \[grid\]\)"):
+        parse_grid(two_axes | {"baseline": {"controller.policy": "never", "drafter.num_speculative_tokens": 3, "run.steps": 5}})
+    with pytest.raises(ConfigError, match=r"matches no configuration"):  # 2 is an integer, "2" is not
+        parse_grid(two_axes | {"baseline": {"controller.policy": "never", "drafter.num_speculative_tokens": "2"}})
+    with pytest.raises(ConfigError, match=r"not a seed: drop 'run\.seed'"):
+        parse_grid(two_axes | {"baseline": {"controller.policy": "never", "drafter.num_speculative_tokens": 2, "run.seed": 0}})
+    with pytest.raises(ConfigError, match="'baseline' must be a table"):
+        parse_grid(seeded_grid(baseline="every_n"))
+    ok = parse_grid(two_axes | {"baseline": {"controller": {"policy": "never"}, "drafter.num_speculative_tokens": 2}})  # nested tables too
+    assert dict(ok.baseline) == {"controller.policy": "never", "drafter.num_speculative_tokens": 2}
+
+
+HARDWARE = {"cpu": "AMD EPYC 7B13", "cores": 2, "isa": ["avx2"], "accelerator": None, "torch": "2.9.0", "vllm": "0.32.0",
+            "engine_mode": "eager", "openmp": "gnu (libgomp)"}
+
+
+def test_results_per_configuration_with_paired_differences(tmp_path):
+    out = tmp_path / "s"
+    grid = parse_grid(seeded_grid(seeds=[0, 1, 2], baseline={"controller.policy": "every_n"}))
+    run_sweep(grid, out, runner=fake_runner([], fail={"policy-threshold__seed-2"}), log=lambda *_: None)
+    for run in expand(grid):
+        (out / run.name / "hardware.json").write_text(json.dumps(HARDWARE))
+    write_results(out, grid)
+    per_run = {(r.values[0][1], r.values[1][1]): summarize(load_run(out / r.name)) for r in expand(grid)}
+    confs = {r["controller.policy"]: r for r in read_csv(out / "results.csv")}
+    assert list(confs) == ["never", "every_n", "threshold"] and len(read_csv(out / "runs.csv")) == 9
+    assert [confs[p]["n_seeds"] for p in confs] == ["3", "3", "2"]  # threshold's seed 2 did not finish
+    assert confs["threshold"]["note"] == "2 seeds (1 unfinished)" and json.loads(confs["threshold"]["seeds"]) == [0, 1]
+    for policy, row in confs.items():
+        seeds = [0, 1] if policy == "threshold" else [0, 1, 2]
+        values = [per_run[policy, s].accept_len_mean for s in seeds]
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        half = {3: T975_DF2, 2: 12.706204736174698}[len(values)] * sd / math.sqrt(len(values))
+        assert float(row["accept_len_mean_mean"]) == pytest.approx(mean)
+        assert float(row["accept_len_mean_ci95_low"]) == pytest.approx(mean - half)
+        assert float(row["accept_len_mean_ci95_high"]) == pytest.approx(mean + half)
+        assert {f"{m}_{part}" for m in METRICS for part in ("mean", "ci95_low", "ci95_high")} <= set(row)
+    assert "reward_last_mean" in confs["never"] and "train_s_per_step_ci95_high" in confs["never"]
+    # paired differences against every_n, per seed, over the seeds both finished
+    assert confs["every_n"]["baseline"] == "True" and confs["every_n"]["n_pairs"] == "" and confs["every_n"]["swaps_diff_mean"] == ""
+    assert (confs["never"]["n_pairs"], confs["threshold"]["n_pairs"]) == ("3", "2")
+    diffs = [per_run["never", s].accept_len_mean - per_run["every_n", s].accept_len_mean for s in (0, 1, 2)]
+    expect = t_interval(diffs)
+    assert float(confs["never"]["accept_len_mean_diff_mean"]) == pytest.approx(sum(diffs) / 3)
+    assert float(confs["never"]["accept_len_mean_diff_ci95_low"]) == pytest.approx(expect.low)
+    assert float(confs["never"]["accept_len_mean_diff_ci95_high"]) == pytest.approx(expect.high)
+    assert float(confs["threshold"]["swaps_diff_mean"]) == -2 and float(confs["threshold"]["refusals_diff_ci95_low"]) == 1  # 1 - 3 swaps, 1 - 0 refusals
+    md = (out / "results.md").read_text()
+    assert "Hardware: AMD EPYC 7B13, 2 cores, AVX2 only (no AVX512, no bf16); torch 2.9.0; vllm 0.32.0; engine eager (all 9 runs)." in md
+    assert "Seeds: 3 per configuration (run.seed = 0, 1, 2)" in md and "95% Student-t" in md
+    assert "## Paired differences against the baseline (controller.policy=every_n)" in md
+    assert any(line.startswith("| never | 3 | -") for line in md.splitlines())  # never accepts less than every_n
+    # a run on another machine: the results say the runs ran on different hardware, and which ran where
+    (out / "policy-never__seed-0" / "hardware.json").write_text(json.dumps(HARDWARE | {"cpu": "Intel Xeon 8480+", "isa": ["amx_bf16", "avx512f"]}))
+    write_results(out, grid)
+    md = (out / "results.md").read_text()
+    assert "DIFFERENT hardware" in md and "Intel Xeon 8480+, 2 cores, AMX + AVX512-BF16; torch 2.9.0; vllm 0.32.0; engine eager: policy-never__seed-0;" in md
+
+
+def test_one_seed_is_labelled_an_anecdote(tmp_path):
+    out = tmp_path / "s"
+    grid = parse_grid(seeded_grid(baseline={"controller.policy": "never"}))  # no seeds: one run per configuration
+    run_sweep(grid, out, runner=lambda run, run_dir, preset: synthetic_run(run_dir, dict(run.values)["controller.policy"], 0, steps=4) and 0,
+              log=lambda *_: None)
+    confs = read_csv(out / "results.csv")
+    assert [(r["n_seeds"], r["note"]) for r in confs] == [("1", "1 seed: anecdote")] * 3
+    assert all(math.isnan(float(r["accept_len_mean_ci95_low"])) and math.isnan(float(r["accept_len_mean_ci95_high"])) for r in confs)
+    assert float(confs[0]["accept_len_mean_mean"]) == pytest.approx(summarize(load_run(out / "policy-never")).accept_len_mean)
+    assert confs[1]["n_pairs"] == "1" and math.isnan(float(confs[1]["swaps_diff_ci95_low"])) and float(confs[1]["swaps_diff_mean"]) == 2
+    md = (out / "results.md").read_text()
+    assert "every row is an anecdote" in md and md.count("1 seed: anecdote") == 3
+    assert hardware_note({"a": None, "b": HARDWARE, "c": HARDWARE}).endswith("engine eager (2 runs with a hardware.json). No hardware.json in 1 run: a.")
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -329,6 +491,25 @@ def test_run_plots_write_png(fn, sweep_dir, tmp_path):
     assert_png(out)
     plain = [load_run(synthetic_run(tmp_path / "plain", "never", 0, kind="none"))]
     assert_png(fn(plain, tmp_path / f"plain-{fn.__name__}.png"), min_bytes=3000)  # no speculation: a note, no crash
+
+
+def test_curves_of_seeds_are_drawn_as_a_mean_with_a_band(tmp_path):
+    runs = [load_run(synthetic_run(tmp_path / f"{p}-{s}", p, s)) for p, s in (("every_n", 0), ("every_n", 1), ("every_n", 2), ("threshold", 0))]
+    configs = plots._configurations(runs)
+    assert [(label, len(members)) for label, _, members in configs] == [("policy=every_n (mean of 3 seeds, 95% band)", 3), ("policy=threshold (1 run)", 1)]
+    assert configs[0][1] != configs[1][1]  # one colour per configuration
+    ax = plots._figure().add_subplot()
+    curves = [accept_len_series(r) for r in configs[0][2]]
+    drawn = plots._curve(ax, curves, configs[0][0], configs[0][1])
+    steps, band = mean_curve(curves)
+    assert drawn == {s: iv.mean for s, iv in zip(steps, band)} and all(iv.n == 3 and iv.low <= iv.mean <= iv.high for iv in band)
+    assert sum(iv.low < iv.high for iv in band) == 4  # seeds decay at different rates between swaps (steps 1, 3, 5, 7)
+    assert len(ax.lines) == 1 and len(ax.collections) == 1  # the mean and its shaded band
+    single = accept_len_series(runs[3])
+    assert plots._curve(ax, [single], configs[1][0], configs[1][1]) == dict(zip(*single))
+    assert len(ax.lines) == 2 and len(ax.collections) == 1  # one run: a plain line, no band
+    for fn in (plots.plot_staleness, plots.plot_position_acceptance, plots.plot_accuracy):
+        assert_png(fn(runs, tmp_path / f"band-{fn.__name__}.png"))
 
 
 def test_bench_plot_writes_png(bench_json, tmp_path):
@@ -350,10 +531,12 @@ def test_report_of_sweep_and_of_one_run(sweep_dir, bench_json, tmp_path):
     page = out.read_text()
     assert page.count('<img src="data:image/png;base64,') == 6
     assert 'policy = "threshold"' in page and 'kind = "eagle3"' in page and page.count("<details>") == 4
-    assert "policy-every_n__seed-0" in page and "Grouped over" in page and " ± " in page
+    assert "policy-every_n__seed-0" in page and "Per configuration: mean [95% Student-t interval] over seeds" in page
+    assert page.count("1 seed: anecdote") == 2 and "2 seeds" in page  # never and every_n ran once, threshold twice
+    assert "Hardware: not recorded" in page and "Paired differences" not in page  # no sweep.json, so no baseline
     single = build_report(sweep_dir / "policy-threshold__seed-1", out=tmp_path / "one.html")
     page = single.read_text()
-    assert page.count('<img src="data:image/png;base64,') == 5 and "seed = 1" in page and "Grouped over" not in page
+    assert page.count('<img src="data:image/png;base64,') == 5 and "seed = 1" in page and "Per configuration" not in page
 
 
 CHROMIUM = Path("/usr/bin/chromium")
