@@ -6,6 +6,7 @@
     codraft check-lossless --preset smoke --set drafter.kind=eagle3      # exits 1 if a test fails
     codraft check-lossless --biased --no-cpu-fix                         # shows vLLM's CPU bug
     codraft policies                                                     # registered refresh policies
+    codraft plan --preset qwen3-8b-8gpu                                  # memory per GPU; exits 1 if it does not fit
 """
 from __future__ import annotations
 
@@ -195,6 +196,21 @@ def cmd_tasks(args: TasksArgs) -> int:
     return 0
 
 
+@dataclass
+class PlanArgs(ConfigArgs):
+    """Memory per GPU (and per host) of the configured run, from the model's config.json alone (no weights):
+    prints the table and exits 1 naming what does not fit. The job: [dist] nodes, gpus_per_node, strategy and
+    gpu (gb200, h200, h100-80gb, a100-80gb, a100-40gb); the model: model.path's config.json, else model.config."""
+
+
+def cmd_plan(args: PlanArgs) -> int:
+    from codraft.plan import estimate, render
+
+    plan = estimate(args.load())
+    print(render(plan))
+    return 0 if plan.fits else 1
+
+
 CORE_COMMANDS = (
     Command("run", RunArgs, cmd_run),
     Command("config", ShowConfigArgs, cmd_config),
@@ -202,4 +218,5 @@ CORE_COMMANDS = (
     Command("policies", PoliciesArgs, cmd_policies),
     Command("drafters", DraftersArgs, cmd_drafters),
     Command("tasks", TasksArgs, cmd_tasks),
+    Command("plan", PlanArgs, cmd_plan),
 )
