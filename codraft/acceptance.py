@@ -53,7 +53,8 @@ class AcceptanceStats:
 
     @property
     def accept_len(self) -> float:
-        """Mean tokens emitted per verify step (1 + accepted / drafts); 1.0 when nothing was drafted."""
+        """Mean tokens emitted per verify step (1 + accepted / drafts); NaN when nothing was drafted
+        (no verify step carried drafts, so there is nothing to average)."""
         return 1.0 + self.accepted / self.drafts if self.drafts else float("nan")
 
     @property

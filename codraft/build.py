@@ -79,7 +79,7 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
     policy = wrap_policy(policy, dist, cfg.dist.strategy)  # DDP / FSDP2 under torchrun, else as is
     trainer_cls = DistributedTrainer if dist.distributed else GRPOTrainer
     extra = (dist,) if dist.distributed else ()
-    trainer = trainer_cls(policy, cfg.grpo, *extra, temperature=cfg.rollout.temperature, reference=reference)
+    trainer = trainer_cls(policy, cfg.grpo, *extra, temperature=cfg.rollout.temperature, reference=reference, seed=cfg.run.seed)
     view = PolicyView(trainer, dist, config, parts)
     out = Parts(cfg, dist, policy_dir, prompts, Scorer(task, prompts.tokenizer), trainer, view, NoController())
     if dist.is_main:

@@ -40,6 +40,9 @@ class RunConfig:
 class ModelConfig:
     path: str = ""
     """Local Hugging Face checkpoint directory (Qwen3 or Llama family, with tokenizer). Empty = build the testbed."""
+    config: str = ""
+    """The model's config.json for `codraft plan` (memory per GPU) where `model.path` holds none (a
+    placeholder): a bundled name (`qwen3-8b`, codraft/model_configs/) or a path. Runs read `model.path`."""
     cache_dir: str = ""
     """Where built testbeds are cached (empty = $CODRAFT_CACHE or ~/.cache/codraft)."""
     vocab_size: int = 384
@@ -80,6 +83,9 @@ class TaskConfig:
     """Training prompts (synthetic tasks generate this many)."""
     num_eval: int = 64
     """Held-out evaluation prompts, disjoint from training prompts."""
+    num_test: int = 64
+    """Test prompts: never trained on and never used to choose any setting (defaults are chosen on the
+    held-out `num_eval` prompts); evaluated at the first and the last step (`test/accuracy`)."""
     mix_task: str = ""
     """A second task whose prompts join training part-way through (a data-mixture shift; empty = none).
     The policy is warm-started on both; the drafter only on the main task's rollouts."""
@@ -148,6 +154,8 @@ class GRPOConfig:
     """PPO clip range above 1 (asymmetric, as in DAPO)."""
     kl_coef: float = 0.0
     """Weight of the KL penalty to the frozen reference (k3 estimator); 0 skips the reference."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus per completion token (keeps the policy from only sharpening; 0 = none)."""
     scale_rewards: bool = True
     """Divide group-centred rewards by the group's standard deviation."""
     mini_batches: int = 1
@@ -195,14 +203,24 @@ class ControllerConfig:
     """Stop a refresh's distillation after this many aligned positions (0 = no token budget)."""
     buffer_steps: int = 3
     """Recent GRPO steps whose rollouts (features + policy distributions) are kept for distillation."""
-    teacher_top_k: int = 0
-    """Keep the policy's top-k next-token probabilities per position (0 = the full distribution)."""
+    teacher_top_k: int = -1
+    """Policy next-token distributions kept per position for distillation: k > 0 the top k (log-probs
+    plus the mass left out), 0 the full distribution, -1 automatic (full up to 4096 tokens, the top
+    128 above; `codraft.distill.resolve_top_k`). Sparse teachers report `drafter/teacher_mass`."""
     holdout_fraction: float = 0.25
     """Share of each step's rollouts held out to measure teacher-forced acceptance and gate swaps."""
     reward_weighting: float = 0.0
     """Weight rollouts by exp(reward_weighting * reward) in distillation (0 = uniform)."""
     gate: bool = True
     """Swap a refreshed drafter in only if its teacher-forced acceptance beats the serving one's."""
+    policy_kl: bool = True
+    """Log `drafter/policy_kl`: KL of the current policy from the one the serving drafter was distilled
+    against, on the held-out rollouts (keeps a CPU copy of the policy: for testbed-scale studies)."""
+    watchdog: float = 0.5
+    """Republish the drafter, then turn drafting off, when live per-token acceptance stays below this
+    fraction of its teacher-forced prediction (0 = no watchdog; see codraft/watchdog.py)."""
+    watchdog_patience: int = 2
+    """Consecutive low steps before the watchdog acts."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +248,12 @@ class DistConfig:
     """torch.distributed backend; empty = `nccl` on CUDA, `gloo` on CPU."""
     timeout_minutes: float = 60.0
     """How long a collective waits before failing; ranks wait for the main rank's rollouts in one."""
+    nodes: int = 1
+    """Nodes of the job, for `codraft plan` (torchrun's --nnodes decides the real run)."""
+    gpus_per_node: int = 1
+    """GPUs (training ranks) per node, for `codraft plan` (torchrun's --nproc-per-node decides the real run)."""
+    gpu: str = ""
+    """GPU type for `codraft plan`: gb200, h200, h100-80gb, a100-80gb, a100-40gb (codraft/plan_table.py); empty = h100-80gb."""
 
 
 @dataclass(frozen=True)
@@ -273,22 +297,28 @@ def validate(cfg: Config) -> None:
         ("grpo.clip_low", 0 <= cfg.grpo.clip_low < 1, "must be in [0, 1)"),
         ("grpo.clip_high", cfg.grpo.clip_high >= 0, "must be >= 0"),
         ("grpo.kl_coef", cfg.grpo.kl_coef >= 0, "must be >= 0"),
+        ("grpo.entropy_coef", cfg.grpo.entropy_coef >= 0, "must be >= 0"),
         ("grpo.mini_batches", cfg.grpo.mini_batches >= 1, "must be >= 1"),
         ("grpo.max_grad_norm", cfg.grpo.max_grad_norm > 0, "must be > 0"),
         ("lora.rank", cfg.lora.rank >= 0, "must be >= 0 (0 = no LoRA)"),
         ("lora.alpha", cfg.lora.alpha > 0, "must be > 0"),
         ("lora.dropout", 0 <= cfg.lora.dropout < 1, "must be in [0, 1)"),
         ("dist.timeout_minutes", cfg.dist.timeout_minutes > 0, "must be > 0"),
+        ("dist.nodes", cfg.dist.nodes >= 1, "must be >= 1"),
+        ("dist.gpus_per_node", cfg.dist.gpus_per_node >= 1, "must be >= 1"),
         ("drafter.num_speculative_tokens", cfg.drafter.num_speculative_tokens >= 1, "must be >= 1 (use drafter.kind=none for no speculation)"),
         ("drafter.lr", cfg.drafter.lr > 0, "must be > 0"),
         ("drafter.warmup_steps", cfg.drafter.warmup_steps >= 0, "must be >= 0"),
         ("controller.distill_steps", cfg.controller.distill_steps >= 1, "must be >= 1"),
         ("controller.buffer_steps", cfg.controller.buffer_steps >= 1, "must be >= 1"),
         ("controller.holdout_fraction", 0 < cfg.controller.holdout_fraction < 1, "must be in (0, 1)"),
-        ("controller.teacher_top_k", cfg.controller.teacher_top_k >= 0, "must be >= 0"),
+        ("controller.teacher_top_k", cfg.controller.teacher_top_k >= -1, "must be >= -1 (-1 = automatic, 0 = the full distribution)"),
+        ("controller.watchdog", 0 <= cfg.controller.watchdog < 1, "must be in [0, 1) (0 = off)"),
+        ("controller.watchdog_patience", cfg.controller.watchdog_patience >= 1, "must be >= 1"),
         ("model.sft_lr", cfg.model.sft_lr > 0, "must be > 0"),
         ("model.head_dim", cfg.model.head_dim in (32, 64, 80, 96, 112, 128, 256), "must be one of 32, 64, 80, 96, 112, 128, 256 (vLLM CPU attention)"),
         ("task.num_eval", cfg.task.num_eval >= 1, "must be >= 1"),
+        ("task.num_test", cfg.task.num_test >= 0, "must be >= 0 (0 = no test evaluation)"),
         ("task.mix_share", 0 <= cfg.task.mix_share <= 1, "must be in [0, 1]"),
         ("task.mix_sft_share", 0 <= cfg.task.mix_sft_share < 1, "must be in [0, 1)"),
         ("task.mix_ramp", cfg.task.mix_ramp >= 0, "must be >= 0"),

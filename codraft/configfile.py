@@ -124,6 +124,18 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
+def read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's settings. A preset may start from another one: a top-level `inherit = "<preset>"`
+    key layers its tables over that preset's."""
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}{_closest(name, preset_names())}")
+    if name in seen:
+        raise ConfigError(f"presets inherit from each other in a cycle: {' -> '.join(seen + (name,))}")
+    data = read_toml(PRESET_DIR / f"{name}.toml")
+    parent = data.pop("inherit", None)
+    return _merge(read_preset(parent, seen + (name,)), data) if parent else data
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -135,11 +147,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def load_config(preset: str | None = "default", path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Preset, then file, then `section.key=value` overrides; validated against `Config`."""
-    data: dict[str, Any] = {}
-    if preset:
-        if preset not in preset_names():
-            raise ConfigError(f"unknown preset {preset!r}{_closest(preset, preset_names())}")
-        data = read_toml(PRESET_DIR / f"{preset}.toml")
+    data: dict[str, Any] = read_preset(preset) if preset else {}
     if path:
         data = _merge(data, read_toml(Path(path)))
     for override in overrides:

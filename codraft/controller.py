@@ -17,12 +17,12 @@ drafter lags the policy it serves by one update (as in NeMo-RL's in-backward dra
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import logging
 import math
-import random
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -30,12 +30,47 @@ import torch
 
 from codraft.acceptance import AcceptanceStats
 from codraft.config import Config
-from codraft.costmodel import CostModel, alpha_from_accept_len, drafts_anywhere, format_k_schedule
-from codraft.distill import DistillExample, distill, examples_from_forward, teacher_forced_alpha
-from codraft.drafter import Drafter, DrafterMismatch, TargetParts, check_finite, features_from_forward
+from scipy.optimize import brentq
+
+from codraft.costmodel import CostModel, alpha_from_accept_len, drafts_anywhere, format_k_schedule, tokens_per_verify
+from codraft.distill import distill, teacher_forced_alpha, teacher_record
+from codraft.distill_data import DistillData
+from codraft.drafter import Drafter, DrafterMismatch, TargetParts, check_finite
 from codraft.engine import Generation, RolloutEngine
 from codraft.metrics import StageTimer
+from codraft.policy_drift import PolicyDrift
 from codraft.refresh import Observation, RefreshLog, make_refresh_policy
+from codraft.watchdog import Watchdog
+
+logger = logging.getLogger(__name__)
+
+
+def live_alpha(acc: AcceptanceStats, ks: tuple[int, ...] = ()) -> float:
+    """Per-token acceptance of a generation, from its counts (NaN without drafts): the alpha whose
+    expected accepted tokens match the measured ones, given how many tokens each draft proposed.
+
+    Under a k schedule drafts differ in k (inverting with the largest k, as before, underestimates
+    alpha). With the schedule's positive k values `ks`: one value -> the exact inversion at it; two
+    -> the share of drafts at each follows from drafts and draft_tokens, and the inversion is exact
+    for that mixture; otherwise (or without `ks`) the inversion at the drafts' mean k."""
+    if not acc.drafts:
+        return math.nan
+    ks = tuple(sorted({k for k in ks if k > 0}))
+    mean_k = acc.draft_tokens / acc.drafts
+    if len(ks) == 2 and ks[0] <= mean_k <= ks[1]:
+        lo, hi = ks
+        share_hi = (mean_k - lo) / (hi - lo)  # drafts at k = hi, from drafts and draft_tokens
+        target = acc.accepted / acc.drafts
+
+        def gap(a: float) -> float:
+            return (1 - share_hi) * (tokens_per_verify(a, lo) - 1) + share_hi * (tokens_per_verify(a, hi) - 1) - target
+
+        if gap(0.0) >= 0:
+            return 0.0
+        if gap(1.0) <= 0:
+            return 1.0
+        return float(brentq(gap, 0.0, 1.0, xtol=1e-12))
+    return alpha_from_accept_len(acc.accept_len, ks[0] if len(ks) == 1 else mean_k)
 
 
 class TargetView(Protocol):
@@ -57,16 +92,23 @@ class Controller:
         self.engine, self.policy, self.dir = engine, policy, Path(drafter_dir)
         self.version = 0
         self.refresh_policy = make_refresh_policy(cfg.controller.policy, cfg.controller.args, seed=cfg.run.seed)
-        self.buffer: deque[list[DistillExample]] = deque(maxlen=cfg.controller.buffer_steps)
-        self.holdout: list[DistillExample] = []
-        self.pending: list[DistillExample] = []
-        """This step's distillation examples, recorded in the logprob stage, consumed by `after_step`."""
+        self.data = DistillData(cfg)
+        """Distillation examples of recent steps, and this step's held-out gate / report groups."""
         self.log = RefreshLog()
         self.cost = CostModel()
         self.k_schedule = [tuple(r) for r in k_schedule]
         self.steps_since_refresh = 0
         self.last_distill_s = math.nan
         self.last_swap_s = math.nan
+        self.outcome = ""
+        """What became of the last step's refresh request: "swap", "refuse", or "" (none asked)."""
+        self.fresh_alpha = math.nan
+        """Live per-token acceptance on the first drafted step of the serving drafter (what a refresh restores)."""
+        self.live_alpha = math.nan
+        """Live per-token acceptance of this step."""
+        self.base_schedule = list(self.k_schedule)
+        self.drift = PolicyDrift(policy.config, cfg.rollout.temperature) if cfg.controller.policy_kl else None
+        self.watchdog = Watchdog(cfg.controller.watchdog, cfg.controller.watchdog_patience)
         self._last_batch: tuple[tuple[int, ...], float] | None = None
 
     @property
@@ -76,32 +118,24 @@ class Controller:
     # ------------------------------------------------------------------ logprob stage
     def on_policy_forward(self, rewards: torch.Tensor | None) -> Callable:
         """A hook for `GRPOTrainer.score` that turns each policy forward into distillation examples
-        (weighted by the rows' `rewards` when `controller.reward_weighting` is set)."""
-        self.pending = []
-        temperature = max(self.cfg.rollout.temperature, 1e-6)
+        (built in codraft/distill_data.py, `DistillData.hook`); None for a drafter that learns nothing."""
+        return self.data.hook(self.serving, rewards) if self.serving.learned else None
 
-        def record(rows, mb, out, logits) -> None:
-            feats = features_from_forward(mb.input_ids, mb.attention_mask, out.hidden_states, self.serving.aux_layers, self.serving.needs_last)
-            target_mask = torch.zeros_like(mb.completion_mask)
-            target_mask[:, :-1] = mb.completion_mask[:, 1:]
-            weights = None
-            if self.cfg.controller.reward_weighting and rewards is not None:
-                weights = [math.exp(self.cfg.controller.reward_weighting * float(rewards[r])) for r in rows]
-            self.pending += examples_from_forward(feats, target_mask, out.logits.float() / temperature, self.cfg.controller.teacher_top_k, weights)
-
-        return record
+    def on_policy_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Prepare stage: the policy about to generate this step (for `drafter/policy_kl`)."""
+        if self.drift is not None:
+            self.drift.note(weights)
 
     # ------------------------------------------------------------------ control stage
-    def after_step(self, step: int, gen: Generation, timer: StageTimer) -> dict[str, Any]:
-        """The control stage: measure the serving drafter, ask the refresh policy, carry out its decision."""
-        examples, self.pending = self.pending, []
-        rng = random.Random(f"{self.cfg.run.seed}-holdout-{step}")
-        rng.shuffle(examples)
-        n_hold = max(1, int(len(examples) * self.cfg.controller.holdout_fraction)) if examples else 0
-        self.holdout, train = examples[:n_hold], examples[n_hold:]
-        self.buffer.append(train)
+    def after_step(self, step: int, prompts: list[list[int]], gen: Generation, timer: StageTimer) -> dict[str, Any]:
+        """The control stage: measure the serving drafter, ask the refresh policy, carry out its decision.
+        `prompts`: the step's prompt token ids (`gen.completions[i].prompt_index` points into them)."""
+        with timer("index"):  # a drafter that learns from rollouts directly (suffix) takes them here
+            indexed = self.serving.on_rollouts(self.engine, prompts, [c.token_ids for c in gen.completions], [c.prompt_index for c in gen.completions])
+        self.data.close_step(step)
         parts = self.policy.target_parts()
-        alpha = teacher_forced_alpha(self.serving, self.holdout, parts, self.k, self.vocab) if self.holdout else None
+        held = self.data.held_out
+        alpha = teacher_forced_alpha(self.serving, held, parts, self.k, self.vocab) if held else None
         obs = self._observe(step, gen, timer, alpha)
         self.refresh_policy.observe(obs)
         decision = self.refresh_policy.decide()
@@ -111,15 +145,22 @@ class Controller:
             "drafter/alpha_serving": obs.alpha_serving,
             "drafter/accept_len_serving": obs.accept_len_serving,
             "drafter/tv_serving": obs.tv_serving,
-            "buffer/examples": sum(len(b) for b in self.buffer),
-            "buffer/mb": sum(e.nbytes() for b in self.buffer for e in b) / 2**20,
+            "drafter/policy_kl": self.drift.kl(held) if self.drift is not None and held else math.nan,
+            "controller/watchdog": self._watch(obs),
+            **self.data.metrics(),
+            **teacher_record(held, alpha),  # drafter/teacher_mass (sparse teachers), drafter/teacher_off_vocab (reduced draft vocabulary)
+            **indexed,
         }
         self.steps_since_refresh += 1
-        if decision.k_schedule is not None or self.cfg.drafter.k_schedule == "auto":
+        if not self.watchdog.off and (decision.k_schedule is not None or self.cfg.drafter.k_schedule == "auto"):
             self._set_schedule(decision.k_schedule or self._auto_schedule(obs))
         record["spec/k_schedule"] = format_k_schedule(self.k_schedule)
-        if decision.refresh:
-            record.update(self._refresh(timer, decision.budget_steps or self.cfg.controller.distill_steps, parts, alpha))
+        self.outcome = ""
+        if decision.refresh and not self.serving.learned:  # its refresh is the index update every step already made
+            record["controller/reason"] = f"{decision.reason} (the {self.serving.name} drafter learns nothing: its index was updated)"
+        elif decision.refresh:
+            record.update(self._refresh(timer, decision.budget_steps or self.cfg.controller.distill_steps, parts))
+            self.outcome = record["controller/decision"]
         record["drafter/version"] = self.version
         return record
 
@@ -128,12 +169,16 @@ class Controller:
         acc = gen.acceptance or AcceptanceStats()
         lengths = tuple(len(c.token_ids) for c in gen.completions)
         gen_s = timer.seconds.get("gen", 0.0)
-        a_now = alpha_from_accept_len(acc.accept_len, self.k) if acc.drafts else math.nan
+        a_now = live_alpha(acc, tuple(k for _, _, k in self.k_schedule))
+        self.live_alpha = a_now
         if acc.drafts:
             self.cost.observe(lengths, a_now, tuple(self.k_schedule), gen_s, True)
             self._last_batch = (lengths, a_now)
+            if self.steps_since_refresh == 0 or math.isnan(self.fresh_alpha):
+                self.fresh_alpha = a_now  # the first drafted step of this drafter
         elif not drafts_anywhere(self.k_schedule):  # the drafter is off: a plain-decoding timing
             self.cost.observe(lengths, math.nan, 0, gen_s, False)
+        predict = lambda a: self.cost.predict_gen_s(lengths, a, tuple(self.k_schedule)) if not math.isnan(a) else math.nan  # noqa: E731
         return Observation(
             step=step, drafts=acc.drafts, draft_tokens=acc.draft_tokens, accepted=acc.accepted, k=self.k,
             alpha_serving=sum(alpha.greedy) / len(alpha.greedy) if alpha else math.nan,
@@ -141,12 +186,23 @@ class Controller:
             tv_serving=1 - sum(alpha.prob) / len(alpha.prob) if alpha else math.nan,
             gen_s=gen_s, gen_tokens=gen.num_tokens, step_s=sum(timer.seconds.values()),
             last_distill_s=self.last_distill_s, last_swap_s=self.last_swap_s, steps_since_refresh=self.steps_since_refresh,
-            predicted_gen_s_now=self.cost.predict_gen_s(lengths, a_now, tuple(self.k_schedule)) if acc.drafts else math.nan,
-            completion_lengths=lengths,
+            predicted_gen_s_now=predict(a_now), predicted_gen_s_fresh=predict(self.fresh_alpha),
+            completion_lengths=lengths, refresh_outcome=self.outcome,
         )
 
+    def _watch(self, obs: Observation) -> str:
+        """Live acceptance against the serving drafter's teacher-forced prediction (codraft/watchdog.py)."""
+        verdict = self.watchdog.check(self.live_alpha, obs.alpha_serving)
+        if verdict == "republished":
+            logger.warning("watchdog: live acceptance %.3f is far below the predicted %.3f; loading the drafter into the engine again", self.live_alpha, obs.alpha_serving)
+            self.engine.load_drafter_weights(self.serving.serving_weights())
+        elif verdict == "drafting_off":
+            logger.warning("watchdog: live acceptance %.3f stayed far below the predicted %.3f after republishing; drafting is OFF until the next swap", self.live_alpha, obs.alpha_serving)
+            self._set_schedule([(1, self.cfg.rollout.max_num_seqs, 0)])
+        return verdict
+
     def _auto_schedule(self, obs: Observation) -> list[tuple[int, int, int]]:
-        alpha = obs.alpha_serving if not math.isnan(obs.alpha_serving) else alpha_from_accept_len(obs.accept_len, self.k)
+        alpha = obs.alpha_serving if not math.isnan(obs.alpha_serving) else alpha_from_accept_len(obs.accept_len, obs.k_effective)
         if math.isnan(alpha):
             return self.k_schedule
         ks = tuple(range(0, self.k + 1))
@@ -158,9 +214,9 @@ class Controller:
             self.engine.set_k_schedule(schedule)
         self.k_schedule = schedule
 
-    def _refresh(self, timer: StageTimer, steps: int, parts: TargetParts, alpha_before) -> dict[str, Any]:
+    def _refresh(self, timer: StageTimer, steps: int, parts: TargetParts) -> dict[str, Any]:
         cfg = self.cfg
-        data = [e for b in self.buffer for e in b]
+        data = self.data.training()
         candidate: Drafter = copy.deepcopy(self.serving)
         with timer("distill"):
             try:
@@ -177,28 +233,28 @@ class Controller:
         if candidate is None:
             self.log.refused += 1
             return {**out, "controller/decision": "refuse", "controller/reason": failure}
-        return {**out, **self.consider(candidate, alpha_before, timer)}
+        return {**out, **self.consider(candidate, timer)}
 
-    def consider(self, candidate: Drafter, alpha_before=None, timer=None) -> dict[str, Any]:
-        """Gate `candidate` on held-out teacher-forced acceptance; swap it in if it is better."""
-        parts, vocab = self.policy.target_parts(), self.vocab
-        if alpha_before is None and self.holdout:
-            alpha_before = teacher_forced_alpha(self.serving, self.holdout, parts, self.k, vocab)
-        after = teacher_forced_alpha(candidate, self.holdout, parts, self.k, vocab) if self.holdout else None
+    def consider(self, candidate: Drafter, timer: StageTimer | None = None) -> dict[str, Any]:
+        """Gate `candidate` on the held-out gate groups (teacher-forced acceptance against the serving
+        drafter); swap it in if it is better. Both are reported on the report groups."""
+        tf = lambda d, ex: teacher_forced_alpha(d, ex, self.policy.target_parts(), self.k, self.vocab) if ex else None  # noqa: E731
+        gate_before, gate_after = tf(self.serving, self.data.gate), tf(candidate, self.data.gate)
+        before, after = tf(self.serving, self.data.report), tf(candidate, self.data.report)
         out: dict[str, Any] = {
-            "drafter/alpha_before": alpha_before.accept_len if alpha_before else math.nan,
+            "drafter/alpha_before": before.accept_len if before else math.nan,
             "drafter/alpha_after": after.accept_len if after else math.nan,
         }
-        better = after is not None and (alpha_before is None or after.accept_len > alpha_before.accept_len)
+        better = gate_after is not None and (gate_before is None or gate_after.accept_len > gate_before.accept_len)
         if self.cfg.controller.gate and not better:
             self.log.refused += 1
-            reason = f"candidate acceptance {out['drafter/alpha_after']:.3f} <= serving {out['drafter/alpha_before']:.3f}"
+            got = gate_after.accept_len if gate_after else math.nan
+            reason = f"candidate acceptance {got:.3f} <= serving {gate_before.accept_len if gate_before else math.nan:.3f} on the gate groups"
             return {**out, "controller/decision": "refuse", "controller/reason": reason}
         t0 = time.perf_counter()
-        self.swap(candidate)
+        with timer("swap") if timer is not None else contextlib.nullcontext():
+            self.swap(candidate)
         self.last_swap_s = time.perf_counter() - t0
-        if timer is not None:
-            timer.seconds["swap"] = timer.seconds.get("swap", 0.0) + self.last_swap_s
         self.log.swap_s += self.last_swap_s
         self.log.refreshes += 1
         return {**out, "controller/decision": "swap"}
@@ -219,6 +275,12 @@ class Controller:
         self.serving = candidate
         self.version += 1
         self.steps_since_refresh = 0
+        self.fresh_alpha = math.nan  # measured again on the new drafter's first drafted step
+        if self.drift is not None:
+            self.drift.adopt()
+        if self.watchdog.off:  # a new drafter: drafting resumes
+            self._set_schedule(self.base_schedule)
+        self.watchdog.reset()
         candidate.export(self.dir)
 
     # ------------------------------------------------------------------ resume
@@ -233,13 +295,19 @@ class Controller:
             "log": dataclasses.asdict(self.log),
             "refresh_policy": self.refresh_policy.state_dict(),
             "cost": self.cost.state_dict(),
-            "buffer": [list(b) for b in self.buffer],
-            "holdout": self.holdout,
+            "data": self.data.state_dict(),
+            "outcome": self.outcome,
+            "fresh_alpha": self.fresh_alpha,
+            "drift": self.drift.state_dict() if self.drift is not None else None,
+            "watchdog": self.watchdog.state_dict(),
+            "runtime": self.serving.runtime_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.serving.load_serving_weights(state["serving"])
-        self.engine.load_drafter_weights(self.serving.serving_weights())
+        if self.serving.learned:  # a drafter without weights (suffix) restores its runtime state below
+            self.serving.load_serving_weights(state["serving"])
+            self.engine.load_drafter_weights(self.serving.serving_weights())
+        self.serving.load_runtime_state(state["runtime"], self.engine)
         self.serving.export(self.dir)
         self.version, self.steps_since_refresh = state["version"], state["steps_since_refresh"]
         self.last_distill_s, self.last_swap_s = state["last_distill_s"], state["last_swap_s"]
@@ -247,8 +315,11 @@ class Controller:
         self.log = RefreshLog(**state["log"])
         self.refresh_policy.load_state_dict(state["refresh_policy"])
         self.cost.load_state_dict(state["cost"])
-        self.buffer = deque(state["buffer"], maxlen=self.cfg.controller.buffer_steps)
-        self.holdout = state["holdout"]
+        self.data.load_state_dict(state["data"])
+        self.outcome, self.fresh_alpha = state["outcome"], state["fresh_alpha"]
+        if self.drift is not None and state["drift"] is not None:
+            self.drift.load_state_dict(state["drift"])
+        self.watchdog.load_state_dict(state["watchdog"])
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -270,10 +341,13 @@ class Controller:
 class NoController:
     """No speculation: nothing to observe, nothing to refresh (also the controller of non-main ranks)."""
 
+    def on_policy_weights(self, weights) -> None:
+        pass
+
     def on_policy_forward(self, rewards) -> None:
         return None
 
-    def after_step(self, step, gen, timer) -> dict[str, Any]:
+    def after_step(self, step, prompts, gen, timer) -> dict[str, Any]:
         return {}
 
     def summary(self) -> dict[str, Any]:

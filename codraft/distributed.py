@@ -260,8 +260,8 @@ class DistributedTrainer(GRPOTrainer):
     the last backward of a mini-batch). `on_forward` sees this rank's rows only.
     """
 
-    def __init__(self, policy: torch.nn.Module, cfg: GRPOConfig, state: DistState, temperature: float = 1.0, reference: torch.nn.Module | None = None):
-        super().__init__(policy, cfg, temperature, reference)
+    def __init__(self, policy: torch.nn.Module, cfg: GRPOConfig, state: DistState, temperature: float = 1.0, reference: torch.nn.Module | None = None, seed: int = 0):
+        super().__init__(policy, cfg, temperature, reference, seed)
         self.state = state
         self.ddp = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
 

@@ -5,7 +5,7 @@
     stats = trainer.update(batch, scored, adv)                    # train stage: AdamW steps
 
 Loss per completion token t of sequence i (ratio r = exp(logp - logp_old)):
-    -min(r * A_i, clip(r, 1 - clip_low, 1 + clip_high) * A_i) + kl_coef * k3(ref || policy)
+    -min(r * A_i, clip(r, 1 - clip_low, 1 + clip_high) * A_i) + kl_coef * k3(ref || policy) - entropy_coef * H_t
 averaged over all completion tokens of a mini-batch (token-level aggregation, as in DAPO).
 """
 from __future__ import annotations
@@ -57,6 +57,45 @@ def grpo_token_loss(
     return loss, info
 
 
+def minibatch_split(n_rows: int, n_minis: int, seed: int, step: int) -> list[list[int]]:
+    """The rows of each of a step's mini-batches: a permutation seeded by the run's seed and the step
+    (a new split every step; the same on every rank and in a resumed run)."""
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).tolist()
+    return [perm[i::n_minis] for i in range(n_minis)]
+
+
+class LRSchedule:
+    """The learning-rate scale per step: constant, or cosine decay to 0 at the run's last step.
+
+    The decay is anchored: when a resumed run changes its number of steps, the scale continues from
+    where it was and decays to 0 at the new last step (recomputing the cosine over the new length
+    would make the rate jump)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.horizon: int | None = None
+        self.anchor_step, self.anchor_scale = 0, 1.0
+
+    def _cosine(self, step: int) -> float:
+        span = max(1, self.horizon - self.anchor_step)
+        return self.anchor_scale * 0.5 * (1.0 + math.cos(math.pi * min(max((step - self.anchor_step) / span, 0.0), 1.0)))
+
+    def scale(self, step: int, total_steps: int) -> float:
+        if self.kind != "cosine":
+            return 1.0
+        if self.horizon is None:
+            self.horizon = total_steps
+        elif total_steps != self.horizon:  # run.steps changed on resume: continue from the current rate
+            self.anchor_scale, self.anchor_step, self.horizon = self._cosine(step), step, total_steps
+        return self._cosine(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"horizon": self.horizon, "anchor_step": self.anchor_step, "anchor_scale": self.anchor_scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.horizon, self.anchor_step, self.anchor_scale = state["horizon"], state["anchor_step"], state["anchor_scale"]
+
+
 @dataclass
 class Scored:
     """What the logprob stage produced for a rollout batch."""
@@ -70,9 +109,12 @@ class Scored:
 class GRPOTrainer:
     """Holds the policy (fp32 master weights), its optimizer and an optional frozen reference."""
 
-    def __init__(self, policy: torch.nn.Module, cfg: GRPOConfig, temperature: float = 1.0, reference: torch.nn.Module | None = None):
+    def __init__(self, policy: torch.nn.Module, cfg: GRPOConfig, temperature: float = 1.0, reference: torch.nn.Module | None = None, seed: int = 0):
         self.policy = policy
         self.cfg = cfg
+        self.seed = seed
+        self.step = 0
+        self.lr_schedule = LRSchedule(cfg.lr_decay)
         self.temperature = temperature if temperature > 0 else 1.0
         self.reference = reference
         params = [p for p in policy.parameters() if p.requires_grad]
@@ -175,24 +217,30 @@ class GRPOTrainer:
         ref = scored.ref_logp[rows, :t].to(self.device) if scored.ref_logp is not None else None
         old = logp.detach() if old_all is None else old_all[rows, :t].to(self.device)
         loss_tok, info = grpo_token_loss(logp, old, adv[rows].to(self.device), cfg.clip_low, cfg.clip_high, ref, cfg.kl_coef)
+        with torch.set_grad_enabled(cfg.entropy_coef > 0):  # an entropy bonus needs its gradient
+            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [b, t]
+        if cfg.entropy_coef > 0:
+            loss_tok = loss_tok - cfg.entropy_coef * entropy
         loss = (loss_tok * mask).sum() / n_tokens  # n_tokens: the whole mini-batch's, over all ranks
         loss.backward()
         with torch.no_grad():
-            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [b, t]
+            entropy = entropy.detach()
             kl = float((info["kl"] * mask).sum()) if "kl" in info else 0.0
             return torch.tensor([loss.item() * n_tokens, float((info["clipped"] * mask).sum()), kl, float((entropy * mask).sum())], dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
-        """Policy weights and optimizer state (for checkpoints)."""
-        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Policy weights, optimizer state and the learning-rate schedule (for checkpoints)."""
+        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
 
-    def set_progress(self, fraction: float) -> None:
-        """Set the learning rate for a step `fraction` of the way through the run (`lr_decay`)."""
-        scale = 0.5 * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0))) if self.cfg.lr_decay == "cosine" else 1.0
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Set the step (it seeds the mini-batch split) and its learning rate (`lr_decay`)."""
+        self.step = step
+        scale = self.lr_schedule.scale(step, total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * scale
 
@@ -201,15 +249,14 @@ class GRPOTrainer:
         cfg = self.cfg
         old_all = behaviour_logp if behaviour_logp is not None else scored.old_logp
         B = batch.input_ids.shape[0]
-        perm = torch.randperm(B, generator=torch.Generator().manual_seed(B)).tolist()  # same on every rank
-        minis = [perm[i :: cfg.mini_batches] for i in range(cfg.mini_batches)]
+        minis = minibatch_split(B, cfg.mini_batches, self.seed, self.step)  # the same on every rank
         sums = torch.zeros(4, dtype=torch.float64)  # this rank's token sums of loss, clip_frac, kl, entropy
         grad_norm_sum = 0.0
-        tokens_seen = trained = skipped = 0
+        tokens_seen = active_tokens = trained = skipped = 0
         self.policy.train()
         for mini in minis:
             n_tokens = int(batch.target_mask[mini].sum())  # global: every rank holds the whole batch
-            active = [r for r in mini if cfg.kl_coef > 0 or float(adv[r]) != 0.0]
+            active = [r for r in mini if cfg.kl_coef > 0 or cfg.entropy_coef > 0 or float(adv[r]) != 0.0]
             if n_tokens == 0 or not active:
                 continue  # decided alike on every rank
             self.optimizer.zero_grad(set_to_none=True)
@@ -228,11 +275,14 @@ class GRPOTrainer:
                 self.optimizer.step()
                 grad_norm_sum += grad_norm * n_tokens
             tokens_seen += n_tokens
+            active_tokens += int(batch.target_mask[active].sum())
             trained += len(active)
         self.policy.eval()
         sums = self._reduce_sum(sums)
-        n = max(1, tokens_seen)
-        out = {k: float(v) / n for k, v in zip(("loss", "clip_frac", "kl", "entropy"), sums)}
+        # the loss is the objective: a token mean over every completion token (rows without advantage
+        # add nothing); the diagnostics are means over the tokens actually trained on
+        n, n_active = max(1, tokens_seen), max(1, active_tokens)
+        out = {"loss": float(sums[0]) / n, **{k: float(v) / n_active for k, v in zip(("clip_frac", "kl", "entropy"), sums[1:])}}
         out["grad_norm"] = grad_norm_sum / n
         out["skipped_updates"] = skipped
         out["trained_frac"] = trained / max(1, B)

@@ -25,9 +25,12 @@ def grpo_step(step: int, parts: Parts) -> dict[str, Any] | None:
         weights = parts.policy.full_weights()  # a collective under FSDP2; {} off the main rank
         if main:
             parts.engine.load_policy_weights(weights.items())
+            parts.controller.on_policy_weights(weights)
     record: dict[str, Any] = {"step": step}
     if main and should_eval(cfg, step):
         record.update(evaluate(parts.engine, parts.scorer, parts.prompts.held_out, cfg))
+    if main and step == 0:  # the test prompts, before RL moves the policy (and again after the last step)
+        record.update(evaluate(parts.engine, parts.scorer, parts.prompts.test, cfg, split="test"))
     rows = gen = scores = rollout = None
 
     if main:
@@ -47,14 +50,14 @@ def grpo_step(step: int, parts: Parts) -> dict[str, Any] | None:
         scored = parts.trainer.score(batch, on_forward=parts.controller.on_policy_forward(scores.rewards if scores else None))
 
     with timer("train"):  # clipped GRPO update of the policy
-        parts.trainer.set_progress(step / cfg.run.steps)
+        parts.trainer.begin_step(step, cfg.run.steps)
         stats = parts.trainer.update(batch, scored, adv, behaviour_logp=behaviour)
         stats["lr"] = parts.trainer.optimizer.param_groups[0]["lr"]
     if not main:
         return None
 
-    # control: the refresh policy sees this step's acceptance and costs; it may distil and swap
-    record.update(parts.controller.after_step(step, gen, timer))
+    with timer("control"):  # the refresh policy sees this step's acceptance and costs; it may distil and swap
+        record.update(parts.controller.after_step(step, [p["ids"] for p in rows], gen, timer))
     record.update(timer.metrics())
     record.update(step_metrics(gen, scores, stats, timer))
     if scored.old_logp is not None:  # engine (bf16) vs trainer (fp32) log-probs of the same tokens

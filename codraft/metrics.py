@@ -17,22 +17,30 @@ from typing import Any, Iterator
 
 from codraft.io import append_jsonl, read_jsonl
 
-STAGES = ("prepare", "gen", "reward", "logprob", "train", "distill", "swap")
+STAGES = ("prepare", "gen", "reward", "logprob", "train", "control", "index", "distill", "swap")
 
 
 class StageTimer:
-    """Wall-clock seconds per named stage of one step."""
+    """Wall-clock seconds per named stage of one step. Stages nest: a stage's seconds exclude the
+    stages timed inside it (the control stage's own work is `control`; the distillation and the
+    swap it runs are `distill` and `swap`), so the stages add up to the step."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open stage: seconds of the stages nested inside it
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+            total = time.perf_counter() - t0
+            nested = self._inner.pop()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + total - nested
+            if self._inner:
+                self._inner[-1] += total
 
     def metrics(self) -> dict[str, float]:
         out = {f"time/{k}_s": v for k, v in self.seconds.items()}

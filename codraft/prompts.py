@@ -43,9 +43,9 @@ def check_prompt_lengths(lengths: list[int], max_len: int, max_new_tokens: int, 
 class Prompts:
     """Training and held-out rows with token ids, and the seeded stream of rows per step."""
 
-    def __init__(self, cfg: Config, task: Task, tokenizer, train: list[dict[str, Any]], held_out: list[dict[str, Any]]):
+    def __init__(self, cfg: Config, task: Task, tokenizer, train: list[dict[str, Any]], held_out: list[dict[str, Any]], test: list[dict[str, Any]] = ()):
         self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
-        self.train, self.held_out = train, held_out
+        self.train, self.held_out, self.test = train, held_out, list(test)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -53,7 +53,8 @@ class Prompts:
     def load(cls, cfg: Config, task: Task, splits, policy_dir: Path) -> "Prompts":
         tokenizer = load_tokenizer(policy_dir)
         train, held_out = (encode(tokenizer, ds, cfg, name) for ds, name in zip(splits, ("train", "held-out")))
-        return cls(cfg, task, tokenizer, train, held_out)
+        test = task.test_split(cfg.task.num_test, exclude=warm_start_prompts(cfg, task, splits)) if cfg.task.num_test else None
+        return cls(cfg, task, tokenizer, train, held_out, encode(tokenizer, test, cfg, "test") if test is not None else [])
 
     def for_step(self, step: int) -> list[dict[str, Any]]:
         """P rows for this step: an epoch-wise shuffle of the training rows (seeded). With a task
@@ -77,6 +78,16 @@ class Prompts:
     def warm_start(self) -> list[list[int]]:
         """Prompt ids of the main task's training rows: the drafter's warm start samples on these."""
         return [p["ids"] for p in self.train if p.get("task", self.cfg.task.name) == self.cfg.task.name]
+
+
+def warm_start_prompts(cfg: Config, task: Task, splits) -> set[str]:
+    """Prompts the built testbed was warm-started on (kept out of the test split); none for a real checkpoint."""
+    if cfg.model.path:
+        return set()
+    from codraft.testbed import sft_rows
+
+    rows = sft_rows(cfg, task, *splits)
+    return {r["prompt"] for r in rows} if rows is not None else set()
 
 
 def encode(tokenizer, ds, cfg: Config, split: str) -> list[dict[str, Any]]:

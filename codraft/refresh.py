@@ -64,6 +64,10 @@ class Observation:
     """Cost model: generation seconds of this step's rollouts with the serving drafter."""
     completion_lengths: tuple[int, ...] = ()
     """Length of every completion generated this step (the running-batch profile follows from it)."""
+    refresh_outcome: str = ""
+    """What became of the refresh this policy asked for at the previous step: "swap" (the new
+    drafter serves), "refuse" (the candidate failed the gate or its distillation failed; the old
+    drafter still serves), or "" (no refresh was asked for)."""
 
     @property
     def accept_len(self) -> float:
@@ -73,6 +77,11 @@ class Observation:
     @property
     def accept_rate(self) -> float:
         return self.accepted / self.draft_tokens if self.draft_tokens else math.nan
+
+    @property
+    def k_effective(self) -> float:
+        """Mean drafted tokens per verify step (under a k schedule, drafts differ in k); NaN without drafts."""
+        return self.draft_tokens / self.drafts if self.drafts else math.nan
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ class Run:
         if self.is_main:
             parts.engine.load_policy_weights(weights.items())
             final = {"step": cfg.run.steps, "final": True, **evaluate(parts.engine, parts.scorer, parts.prompts.held_out, cfg)}
+            final.update(evaluate(parts.engine, parts.scorer, parts.prompts.test, cfg, split="test"))
             parts.outputs.write(final)
             self.records.append(final)
         self.save_policy()
@@ -134,6 +135,9 @@ def summary_rows(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     rows = []
     if evals:
         rows.append(("held-out accuracy first -> last", f"{evals[0]['eval/accuracy']:.3f} -> {evals[-1]['eval/accuracy']:.3f}"))
+    tests = [r for r in records if "test/accuracy" in r]
+    if tests:  # prompts never used to choose a setting
+        rows.append(("test accuracy first -> last", f"{tests[0]['test/accuracy']:.3f} -> {tests[-1]['test/accuracy']:.3f}"))
     if steps:
         k = max(1, len(steps) // 5)
         first = sum(r["reward/mean"] for r in steps[:k]) / k

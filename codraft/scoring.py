@@ -42,20 +42,24 @@ class Scorer:
         return Scores(torch.tensor(rewards), torch.tensor(correct), torch.tensor(formatted), texts)
 
 
-def evaluate(engine: RolloutEngine, scorer: Scorer, held_out: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
-    """Accuracy on the held-out rows, `run.eval_samples` per row at `run.eval_temperature`."""
+def evaluate(engine: RolloutEngine, scorer: Scorer, rows: list[dict[str, Any]], cfg: Config, split: str = "eval") -> dict[str, Any]:
+    """Accuracy on `rows`, `run.eval_samples` per row at `run.eval_temperature`, as `<split>/...` keys:
+    `eval/` for the held-out rows (what settings are tuned on), `test/` for the test rows (never used
+    to choose anything). Empty without rows."""
+    if not rows:
+        return {}
     t0 = time.perf_counter()
     sampling = Sampling(cfg.run.eval_temperature, 1.0, cfg.rollout.max_new_tokens)
-    gen = engine.generate([p["ids"] for p in held_out], n=cfg.run.eval_samples, sampling=sampling, seed=10**9 + cfg.run.seed)
-    scores = scorer.score(held_out, gen)
+    gen = engine.generate([p["ids"] for p in rows], n=cfg.run.eval_samples, sampling=sampling, seed=10**9 + cfg.run.seed)
+    scores = scorer.score(rows, gen)
     out = {
-        "eval/accuracy": scores.correct.mean().item(),
-        "eval/format": scores.formatted.mean().item(),
-        "eval/mean_len": gen.num_tokens / len(gen.completions),
-        "time/eval_s": time.perf_counter() - t0,
+        f"{split}/accuracy": scores.correct.mean().item(),
+        f"{split}/format": scores.formatted.mean().item(),
+        f"{split}/mean_len": gen.num_tokens / len(gen.completions),
+        f"time/{split}_s": time.perf_counter() - t0,
     }
     if gen.acceptance is not None:
-        out["eval/accept_len"] = gen.acceptance.accept_len
+        out[f"{split}/accept_len"] = gen.acceptance.accept_len
     return out
 
 

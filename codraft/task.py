@@ -85,6 +85,11 @@ class Task:
         start on the training rows themselves."""
         return None
 
+    def test_split(self, n: int, exclude: set[str] = frozenset()) -> datasets.Dataset | None:
+        """`n` test rows, disjoint from the training and held-out rows and from `exclude` (the warm
+        start's prompts): never trained on, never used to choose a setting. None if the task has none."""
+        return None
+
     def check(self, completion: str, row: dict[str, Any]) -> bool:
         """Whether the completion's final answer is exactly right for this row."""
         got = final_answer(completion)
@@ -134,6 +139,15 @@ class SyntheticTask(Task):
         train = self.generate(self.cfg.num_train, rng, exclude={ex["prompt"] for ex in held_out})
         return datasets.Dataset.from_list(train), datasets.Dataset.from_list(held_out)
 
+    def test_split(self, n: int, exclude: set[str] = frozenset()) -> datasets.Dataset:
+        """Fresh problems drawn after the training ones from the same seeded stream (so the training and
+        held-out prompts stay what they were), disjoint from both and from `exclude`."""
+        rng = random.Random(f"{self.name}-{self.seed}")
+        held_out = self.generate(self.cfg.num_eval, rng)
+        train = self.generate(self.cfg.num_train, rng, exclude={ex["prompt"] for ex in held_out})
+        seen = {ex["prompt"] for ex in held_out + train} | set(exclude)
+        return datasets.Dataset.from_list(self.generate(n, rng, exclude=seen))
+
     def sft_examples(self, n: int, exclude: set[str]) -> list[dict[str, str]]:
         """Fresh problems for the supervised warm start, disjoint from `exclude` (the held-out set)."""
         return self.generate(n, random.Random(f"{self.name}-sft-{self.seed}"), exclude=exclude)
@@ -170,6 +184,11 @@ class MixedTask(Task):
         extra_train, _ = self.extra.splits()
         tag = lambda ds, name: ds.add_column("task", [name] * len(ds))  # noqa: E731
         return datasets.concatenate_datasets([tag(train, self.cfg.name), tag(extra_train, self.cfg.mix_task)]), tag(held_out, self.cfg.name)
+
+    def test_split(self, n: int, exclude: set[str] = frozenset()) -> datasets.Dataset | None:
+        """The main task's test rows (evaluation stays on the main task), tagged with its name."""
+        test = self.main.test_split(n, exclude)
+        return None if test is None else test.add_column("task", [self.cfg.name] * len(test))
 
     def sft_examples(self, n: int, exclude: set[str]) -> list[dict[str, str]] | None:
         """`mix_sft_share` of the rows from the second task, shuffled, each tagged with its task. If

@@ -135,13 +135,20 @@ def supervised_warm_start(model, data: list[tuple[list[int], list[int]]], pad_id
     return losses
 
 
+def sft_rows(cfg: Config, task: Task, train, held_out) -> list[dict[str, str]] | None:
+    """The warm start's rows (None: the task warm-starts on its training rows), disjoint from the
+    RL and held-out prompts. A function of the settings alone, so a run can tell which prompts the
+    testbed saw without reading it."""
+    exclude = set(held_out["prompt"]) | set(train["prompt"])  # RL and held-out prompts stay unseen
+    return task.sft_examples(max(4 * len(train), cfg.model.sft_steps * cfg.model.sft_batch_size // 4), exclude)
+
+
 def build_testbed(cfg: Config, task: Task, out: Path) -> dict:
     """Tokenizer + SFT'd tiny Qwen3 into `out`; returns build facts."""
     t0 = time.time()
     model_cfg = cfg.model
     train, held_out = task.splits()
-    exclude = set(held_out["prompt"]) | set(train["prompt"])  # RL and held-out prompts stay unseen
-    sft = task.sft_examples(max(4 * len(train), model_cfg.sft_steps * model_cfg.sft_batch_size // 4), exclude)
+    sft = sft_rows(cfg, task, train, held_out)
     if sft is None:  # the task warm-starts on its training rows
         sft = list(train)
     texts = [ex["prompt"] + ex["solution"] for ex in sft[:20000]] + list(held_out["prompt"])

@@ -61,12 +61,12 @@ class AdaptiveK(RefreshPolicy):
         """The k schedule last asked for (None: the engine's own, as reported in Observation.k)."""
 
     def _alpha(self, obs: Observation) -> float:
-        return obs.alpha_serving if not math.isnan(obs.alpha_serving) else alpha_from_accept_len(obs.accept_len, obs.k)
+        return obs.alpha_serving if not math.isnan(obs.alpha_serving) else alpha_from_accept_len(obs.accept_len, obs.k_effective)
 
     def observe(self, obs: Observation) -> None:
         super().observe(obs)
         alpha = self._alpha(obs)
-        self.trigger.update(alpha, fresh=obs.steps_since_refresh == 0)
+        self.trigger.update(alpha, fresh=obs.steps_since_refresh == 0, refused=obs.refresh_outcome == "refuse")
         if math.isnan(alpha):
             return
         self.alpha = alpha

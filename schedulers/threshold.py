@@ -3,7 +3,9 @@ average, falls a set fraction below the level it had right after the last refres
 
 The level is the first measurement after each refresh (the fresh drafter against the policy it
 was distilled on). Hysteresis: once fired, the trigger stays disarmed until the average recovers
-above (1 - drop/2) x level or a refresh re-baselines it, so one dip cannot fire twice.
+above (1 - drop/2) x level or a refresh re-baselines it, so one dip cannot fire twice. A refresh
+the controller refused (`Observation.refresh_outcome == "refuse"`: the candidate failed the gate)
+re-arms it, so the policy asks again after `min_interval` steps instead of falling silent.
 
 `DropTrigger` holds that logic for any acceptance signal; `adaptive_k` reuses it.
 """
@@ -47,10 +49,13 @@ class DropTrigger:
         self.last_fire: int | None = None
         """Step of the last firing."""
 
-    def update(self, value: float, fresh: bool) -> None:
-        """Feed one step's measurement (NaN = not measured); `fresh` = a new drafter serves since this step."""
+    def update(self, value: float, fresh: bool, refused: bool = False) -> None:
+        """Feed one step's measurement (NaN = not measured); `fresh` = a new drafter serves since this
+        step; `refused` = the refresh asked for last step was refused (the stale drafter still serves)."""
         if fresh:
             self.ema, self.level, self.armed = None, None, True
+        if refused:
+            self.armed = True
         if math.isnan(value):
             return
         if self.ema is None or self.level is None:
@@ -93,7 +98,7 @@ class Threshold(RefreshPolicy):
 
     def observe(self, obs: Observation) -> None:
         super().observe(obs)
-        self.trigger.update(obs.accept_len, fresh=obs.steps_since_refresh == 0)
+        self.trigger.update(obs.accept_len, fresh=obs.steps_since_refresh == 0, refused=obs.refresh_outcome == "refuse")
 
     def decide(self) -> Decision:
         refresh, reason = self.trigger.fire(self.history[-1].step)

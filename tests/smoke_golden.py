@@ -36,7 +36,7 @@ OVERRIDES = [
 
 def is_timing(key: str) -> bool:
     """Keys whose values are wall-clock measurements (or derived from them)."""
-    return key.startswith("time/") or key == "gen/tokens_per_s"
+    return key.startswith(("time/", "spec/proposer_")) or key == "gen/tokens_per_s"
 
 
 def comparable(record: dict) -> dict:

@@ -73,3 +73,16 @@ def test_written_config_round_trips(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("smoke", path="/nonexistent/x.toml")
+
+
+def test_presets_inherit_and_cycles_are_refused(monkeypatch, tmp_path):
+    from codraft import configfile
+
+    default, drift, explore = (load_config(p) for p in ("default", "drift", "drift-explore"))
+    assert drift.task.mix_start == 100000 and drift.drafter == default.drafter and drift.grpo == default.grpo
+    assert explore.grpo.entropy_coef > 0 and explore.rollout.temperature > 1 and explore.task.mix_start == 100000
+    (tmp_path / "a.toml").write_text('inherit = "b"\n')
+    (tmp_path / "b.toml").write_text('inherit = "a"\n')
+    monkeypatch.setattr(configfile, "PRESET_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
+        load_config("a")

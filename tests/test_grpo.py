@@ -107,15 +107,69 @@ def test_make_batch_masks():
     assert batch.target_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
 
 
-def test_learning_rate_decay_follows_the_run_and_is_stateless():
+def test_learning_rate_decay_follows_the_step_and_is_stateless():
     policy = torch.nn.Linear(2, 2)
     constant = GRPOTrainer(policy, GRPOConfig(lr=1e-4))
     cosine = GRPOTrainer(policy, GRPOConfig(lr=1e-4, lr_decay="cosine"))
     lrs = {}
-    for fraction in (0.0, 0.5, 1.0, 0.25):  # any order: the rate depends on the step only (resume-safe)
-        constant.set_progress(fraction)
-        cosine.set_progress(fraction)
+    for step in (0, 50, 100, 25):  # any order: the rate depends on the step only (resume-safe)
+        constant.begin_step(step, 100)
+        cosine.begin_step(step, 100)
         assert constant.optimizer.param_groups[0]["lr"] == 1e-4
-        lrs[fraction] = cosine.optimizer.param_groups[0]["lr"]
-    assert lrs[0.0] == pytest.approx(1e-4) and lrs[0.5] == pytest.approx(5e-5) and lrs[1.0] == pytest.approx(0.0, abs=1e-12)
-    assert lrs[0.25] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
+        lrs[step] = cosine.optimizer.param_groups[0]["lr"]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[50] == pytest.approx(5e-5) and lrs[100] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[25] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_resuming_with_more_steps_continues_the_learning_rate_without_a_jump():
+    """Issue 16: the cosine rate used to be recomputed over the new run.steps, jumping from 0.5 to 0.79 x lr here."""
+    first = GRPOTrainer(torch.nn.Linear(2, 2), GRPOConfig(lr=1e-4, lr_decay="cosine"))
+    for step in range(31):
+        first.begin_step(step, 60)
+    at_30 = first.optimizer.param_groups[0]["lr"]
+    resumed = GRPOTrainer(torch.nn.Linear(2, 2), GRPOConfig(lr=1e-4, lr_decay="cosine"))
+    resumed.load_state_dict(first.state_dict())
+    resumed.begin_step(30, 100)  # --resume --set run.steps=100
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(at_30) == pytest.approx(5e-5)
+    resumed.begin_step(65, 100)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(5e-5 * 0.5)  # halfway from step 30 to 100
+    resumed.begin_step(100, 100)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mini_batch_split_changes_from_step_to_step_and_is_reproducible():
+    """Issue 16: the permutation was seeded by the batch size, so every step split the batch alike."""
+    from codraft.grpo import minibatch_split
+
+    splits = [minibatch_split(64, 4, seed=0, step=s) for s in range(3)]
+    assert splits[0] != splits[1] != splits[2]
+    assert minibatch_split(64, 4, seed=0, step=1) == splits[1]  # every rank, and a resumed run, agree
+    assert minibatch_split(64, 4, seed=1, step=1) != splits[1]
+    assert sorted(r for m in splits[0] for r in m) == list(range(64))
+
+
+def test_diagnostics_average_over_the_tokens_trained_on():
+    """Issue 16: entropy / clip_frac / kl summed over rows with a non-zero advantage but divided by all tokens."""
+    model = Toy()
+    trainer = GRPOTrainer(model, GRPOConfig(lr=0.0 + 1e-9, mini_batches=1, autocast_bf16=False))
+    batch = make_batch([[1, 2], [1, 3]], [[4, 5, 6, 0], [5]], pad_id=0)  # 4 tokens, 1 token
+    with torch.no_grad():
+        logits = model.table[batch.input_ids][:, :-1].float()
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [B, T-1]
+    trained_row = 1
+    mask = batch.target_mask[trained_row].float()
+    expected = float((entropy[trained_row] * mask).sum() / mask.sum())
+    stats = trainer.update(batch, trainer.score(batch), torch.tensor([0.0, 1.0]))
+    assert stats["entropy"] == pytest.approx(expected, rel=1e-5)  # the old division by 5 tokens gave a fifth of it
+
+
+def test_entropy_bonus_raises_the_entropy_of_a_flat_objective():
+    """With zero advantages and a bonus, the only gradient is the entropy's: the policy flattens."""
+    model = Toy()
+    trainer = GRPOTrainer(model, GRPOConfig(lr=0.5, mini_batches=1, autocast_bf16=False, entropy_coef=1.0))
+    batch = make_batch([[1, 2], [1, 3]], [[4, 5, 6, 0], [5]], pad_id=0)
+    first = trainer.update(batch, trainer.score(batch), torch.tensor([0.0, 0.0]))
+    second = trainer.update(batch, trainer.score(batch), torch.tensor([0.0, 0.0]))
+    assert first["trained_frac"] == 1.0 and second["entropy"] > first["entropy"]
+    none = GRPOTrainer(Toy(), GRPOConfig(lr=0.5, mini_batches=1, autocast_bf16=False))
+    assert none.update(batch, none.score(batch), torch.tensor([0.0, 0.0]))["trained_frac"] == 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import dataclasses
 import math
 import random
 import re
@@ -240,6 +241,24 @@ def test_threshold_hysteresis_when_a_refresh_does_not_happen():
         policy.observe(_accept_len_obs(step, accept_len, since=step))
         decisions.append(policy.decide().refresh)
     assert decisions == [False, False, True, False, False, False, True]
+
+
+@pytest.mark.parametrize("name", ["threshold", "adaptive_k"])
+def test_a_refused_refresh_is_asked_for_again(name):
+    """Issue 16: after one refused candidate the trigger stayed disarmed, and the policy behaved like
+    `never` for the rest of the run. Told the refresh was refused, it asks again after min_interval."""
+    args = {"drop": 0.2, "ema": 1.0, "min_interval": 2}
+    policy = make_refresh_policy(name, args if name == "threshold" else {"refresh": args})
+    fired, outcome = [], ""
+    for step in range(10):
+        level = 3.0 if step < 2 else 2.0  # acceptance collapses at step 2 and never recovers
+        obs = dataclasses.replace(_accept_len_obs(step, level, since=step), refresh_outcome=outcome)
+        policy.observe(obs)
+        decision = policy.decide()
+        fired.append(decision.refresh)
+        outcome = "refuse" if decision.refresh else ""  # the controller refuses every candidate
+    assert fired[2] and sum(fired) >= 3, fired
+    assert all(not (a and b) for a, b in zip(fired, fired[1:]))  # never two in a row (min_interval 2)
 
 
 def test_threshold_rebaselines_after_a_refresh():

@@ -326,3 +326,21 @@ def test_readme_example_registers_and_meets_the_contract(tmp_path, monkeypatch):
     finally:
         for module in ("readme_tasks", f"readme_tasks.{name}"):
             sys.modules.pop(module, None)
+
+
+def test_test_split_is_disjoint_from_everything_a_run_or_its_tuning_sees(tiny_cfg):
+    """Issue 16: the reported accuracy comes from prompts never used to choose anything (defaults are
+    tuned on the held-out split) and never trained on, neither in RL nor in the testbed's warm start."""
+    from codraft.prompts import warm_start_prompts
+    from codraft.task import make_task
+
+    task = make_task(tiny_cfg.task, tiny_cfg.task.seed)
+    train, held_out = task.splits()
+    sft = warm_start_prompts(tiny_cfg, task, (train, held_out))
+    test = task.test_split(16, exclude=sft)
+    prompts = set(test["prompt"])
+    assert len(prompts) == 16
+    assert not prompts & set(train["prompt"]) and not prompts & set(held_out["prompt"]) and not prompts & sft
+    again_train, again_held = task.splits()  # drawing the test split leaves the other splits as they were
+    assert list(again_train["prompt"]) == list(train["prompt"]) and list(again_held["prompt"]) == list(held_out["prompt"])
+    assert list(task.test_split(16, exclude=sft)["prompt"]) == list(test["prompt"])
