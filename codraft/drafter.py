@@ -116,6 +116,7 @@ class Drafter(nn.Module):
     method: ClassVar[str] = ""  # vLLM speculative method that serves this kind
     aux_layers: tuple[int, ...] = ()  # target layers whose entering residual stream the head reads
     needs_last: bool = False  # whether the head reads the target's final hidden state
+    learned: ClassVar[bool] = True  # False: nothing to distil (no `unroll`); refreshed through `on_rollouts`
 
     @classmethod
     def build(cls, policy: nn.Module, settings: Any, token_counts: torch.Tensor | None = None) -> "Drafter":
@@ -160,6 +161,20 @@ class Drafter(nn.Module):
     def target_overrides(self) -> dict:
         """Config fields the engine must add to the target's config to serve this drafter."""
         return {}
+
+    # ------------------------------------------------------------------ refresh without distillation
+    def on_rollouts(self, engine, prompts: list[list[int]], completions: list[list[int]], prompt_index: list[int]) -> dict[str, float]:
+        """After each GRPO step: the step's rollouts (completion i answers `prompts[prompt_index[i]]`),
+        for kinds that refresh from them without distillation (and push that into the drafter live in
+        `engine`). Returns metrics to log (`drafter/...`); a learned kind does nothing here."""
+        return {}
+
+    def runtime_state(self) -> dict:
+        """What the drafter gathered while serving, beyond its checkpoint (plain data), for a resume."""
+        return {}
+
+    def load_runtime_state(self, state: dict, engine) -> None:
+        """Restore `runtime_state()` into this drafter and the one live in `engine`."""
 
     # ------------------------------------------------------------------ files
     def export(self, path: Path, dtype: torch.dtype = torch.bfloat16) -> None:

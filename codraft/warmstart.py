@@ -6,6 +6,7 @@ The policy samples completions for training prompts (plain PyTorch sampling, so 
 needed yet), one forward pass records what the drafter reads, and the drafter is distilled for
 `drafter.warmup_steps`. The result is cached under `<cache>/drafters/<key>` keyed by the policy
 checkpoint and the drafter settings, so the next run with the same testbed starts at once.
+A kind that learns nothing (`Drafter.learned = False`) is only built and exported (every time).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from codraft.batch import make_batch
 from codraft.config import Config
 from codraft.distill import DistillExample, distill, examples_from_forward, teacher_forced_alpha
-from codraft.drafter import Drafter, build_drafter, features_from_forward, load_drafter, target_parts
+from codraft.drafter import Drafter, build_drafter, drafter_settings, features_from_forward, load_drafter, target_parts
 from codraft.testbed import cache_root
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,14 @@ def warm_drafter(cfg: Config, policy, prompts: list[list[int]], policy_dir: Path
     """The warm-started drafter's directory (cached), and facts about its warm start (progress to `log`, default: the logger)."""
     log = log or logger.info
     path = cache_root(cfg.model) / "drafters" / f"{cfg.drafter.kind}-{drafter_key(cfg, policy_dir)}"
+    dcfg = cfg.drafter
+    if not drafter_settings(dcfg)[0].learned:  # nothing to distil: exported as configured (cheap, so never stale)
+        facts = {"kind": dcfg.kind, "learned": False}
+        build_drafter(policy, dcfg).export(path)
+        (path / "warmstart.json").write_text(json.dumps(facts, indent=2))
+        return path, facts
     if (path / "warmstart.json").is_file():
         return path, json.loads((path / "warmstart.json").read_text())
-    dcfg = cfg.drafter
     n_prompts = min(len(prompts), max(64, dcfg.batch_size * 4))
     log(f"warm-starting the {dcfg.kind} drafter: sampling {n_prompts} x 4 completions from the SFT policy, {dcfg.warmup_steps} distillation steps")
     pairs = sample_completions(policy, prompts[:n_prompts], 4, cfg.rollout.temperature, cfg.rollout.max_new_tokens, eos_id, pad_id, seed=cfg.run.seed)

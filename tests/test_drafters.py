@@ -1,6 +1,7 @@
 """Drafter contract, run over every registered kind (and the worked example of drafters/README.md):
-shapes, checkpoint round trip, fit checks, distillation that raises teacher-forced acceptance, a
-documented settings dataclass, and clear errors on checkpoints that do not fit."""
+checkpoint round trip, fit checks, a documented settings dataclass, clear errors on checkpoints
+that do not fit, and for kinds that learn (`Drafter.learned`) unroll shapes and distillation that
+raises teacher-forced acceptance; a kind that learns nothing is built and exported, not distilled."""
 import dataclasses
 import importlib
 import json
@@ -17,6 +18,7 @@ from codraft.warmstart import record_examples
 from tests_helpers import tiny_policy
 
 KINDS = DRAFTERS.names()
+LEARNED = [kind for kind in KINDS if DRAFTERS.get(kind).learned]  # distilled kinds: the teacher-forced contract applies
 README = Path(__file__).resolve().parents[1] / "drafters" / "README.md"
 
 
@@ -74,6 +76,10 @@ def check_export_load_round_trip(kind, policy, pairs, tmp_path):
     again = load_drafter(tmp_path / "d", policy)
     for name, tensor in drafter.serving_weights().items():
         assert torch.equal(tensor.detach().float(), again.serving_weights()[name].detach().float()), name
+    assert again.hf_config() == drafter.hf_config() and again.speculative_config(tmp_path / "d", 3) == drafter.speculative_config(tmp_path / "d", 3)
+    if not drafter.learned:  # nothing to unroll: the settings are the drafter
+        assert again.settings == drafter.settings
+        return
     from codraft.distill import collate
 
     batch = collate(record_examples(policy, pairs[:2], drafter, 0), policy.config.vocab_size)
@@ -102,13 +108,13 @@ def check_drafter_that_does_not_fit_the_target_is_refused(kind, policy, tmp_path
     other = tiny_policy(vocab=48)
     with pytest.raises(DrafterMismatch, match="vocabulary|shape"):
         load_drafter(tmp_path / "d", other)
-    if kind != "draft_model":
+    if kind != "draft_model" and drafter.learned:
         wider = tiny_policy(hidden=96)
         with pytest.raises(DrafterMismatch, match="hidden size|shape"):
             load_drafter(tmp_path / "d", wider)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LEARNED)
 def test_unroll_shapes(kind, policy, pairs):
     check_unroll_shapes(kind, policy, pairs)
 
@@ -118,7 +124,7 @@ def test_export_load_round_trip(kind, policy, pairs, tmp_path):
     check_export_load_round_trip(kind, policy, pairs, tmp_path)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LEARNED)
 def test_distillation_raises_teacher_forced_acceptance(kind, taught_policy, pairs):
     check_distillation_raises_teacher_forced_acceptance(kind, taught_policy, pairs)
 
@@ -142,6 +148,19 @@ def check_documented_settings(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_settings_are_documented_and_round_trip(kind):
     check_documented_settings(kind)
+
+
+@pytest.mark.parametrize("kind", sorted(set(KINDS) - set(LEARNED)))
+def test_a_kind_that_learns_nothing_is_built_not_distilled(kind, policy, tmp_path):
+    from codraft.configfile import load_config
+    from codraft.warmstart import initial_drafter
+    from tests_helpers import tiny_checkpoint
+
+    cfg = load_config("smoke", overrides=[f"drafter.kind={kind}", f"model.cache_dir={tmp_path / 'cache'}"])
+    # no prompts: sampling completions for a distillation would have nothing to sample from
+    drafter, path = initial_drafter(cfg, policy, [], tiny_checkpoint(tmp_path / "policy"), eos_id=0, pad_id=0, log=lambda *a: None)
+    assert drafter.name == kind and not drafter.learned and drafter.hf_config() == DRAFTERS.get(kind).build(policy, DRAFTERS.get(kind).Config()).hf_config()
+    assert json.loads((path / "warmstart.json").read_text()) == {"kind": kind, "learned": False}
 
 
 def test_unknown_drafter_setting_names_the_key():

@@ -1,11 +1,14 @@
 """Speculative rollouts in vLLM for every drafter kind: served from the exported checkpoint, acceptance
-counts that add up and agree with teacher-forced acceptance, losslessness (chi-square at alpha 0.01,
-Bonferroni over positions, fixed seeds), the planted-bias detector, and in-place drafter hot swaps."""
+counts that add up and agree with teacher-forced acceptance (kinds that learn) or rise once the
+rollouts are indexed (kinds that learn nothing, `Drafter.learned = False`), the k-by-batch-size
+switch, losslessness (chi-square at alpha 0.01, Bonferroni over positions, fixed seeds), and the
+planted-bias detector."""
 import dataclasses
 
 import pytest
 import torch
 
+from codraft import vllm_compat
 from codraft.drafter import DRAFTERS
 from codraft.lossless import biased_eagle3, check_lossless
 
@@ -64,11 +67,13 @@ def test_acceptance_counts_add_up_and_match_teacher_forcing(served, setup):
     assert eng.hooks["plain_sampling_without_drafts"] and eng.hooks.get("apply_rejection_fix", False) == eng.cpu
     gen = eng.generate(setup["held"], n=8, sampling=Sampling(1.0, 1.0, 48), seed=3)
     acc = gen.acceptance
-    assert acc.drafts > 0 and acc.draft_tokens == K * acc.drafts
+    assert acc.drafts > 0 and (acc.draft_tokens == K * acc.drafts if drafter.learned else acc.drafts <= acc.draft_tokens <= K * acc.drafts)
     assert 0 <= acc.accepted <= acc.draft_tokens
     assert sum(acc.accepted_per_pos) == acc.accepted
     assert list(acc.accepted_per_pos) == sorted(acc.accepted_per_pos, reverse=True)  # position i needs 0..i-1
     assert 1.0 <= acc.accept_len <= K + 1
+    if not drafter.learned:  # no teacher-forced acceptance to compare with (test_indexed_rollouts_raise_acceptance)
+        return
     pairs = [(setup["held"][c.prompt_index], c.token_ids) for c in gen.completions]
     examples = record_examples(setup["policy"], pairs, drafter, setup["tok"].pad_token_id)
     alpha = teacher_forced_alpha(drafter, examples, target_parts(setup["policy"]), K, setup["policy"].config.vocab_size)
@@ -76,7 +81,38 @@ def test_acceptance_counts_add_up_and_match_teacher_forcing(served, setup):
     assert abs(alpha.accept_len - acc.accept_len) < 0.25 * acc.accept_len
 
 
+def test_indexed_rollouts_raise_acceptance(served, setup):
+    """A kind that learns nothing is refreshed by indexing rollouts: the same prompts drafted again
+    after their rollouts were pushed accept more of each completion."""
+    from codraft.engine import Sampling
+
+    kind, drafter, eng = served
+    if drafter.learned:
+        pytest.skip(f"{kind} is refreshed by distillation (test_acceptance_counts_add_up_and_match_teacher_forcing)")
+    prompts, sampling = setup["held"], Sampling(1.0, 1.0, 48)
+    try:
+        cold = eng.generate(prompts, n=4, sampling=sampling, seed=21)
+        metrics = drafter.on_rollouts(eng, prompts, [c.token_ids for c in cold.completions], [c.prompt_index for c in cold.completions])
+        warm = eng.generate(prompts, n=4, sampling=sampling, seed=22)
+        share = lambda g: g.acceptance.accepted / g.num_tokens  # noqa: E731  (completion tokens that were accepted drafts)
+        print(f"{kind}: accept len {cold.acceptance.accept_len:.3f} -> {warm.acceptance.accept_len:.3f}, accepted share {share(cold):.3f} -> {share(warm):.3f}, {metrics}")
+        assert metrics["drafter/index_tokens"] == cold.num_tokens and metrics["drafter/index_rollouts"] == len(cold.completions)
+        assert metrics["spec/proposer_ms_per_step"] > 0 and 0 < metrics["spec/proposer_share"] < 1
+        assert warm.acceptance.accept_len > cold.acceptance.accept_len and share(warm) > share(cold) + 0.05
+        assert warm.acceptance.draft_tokens <= K * warm.acceptance.drafts
+    finally:
+        drafter.load_runtime_state({}, eng)  # an empty index again for the tests below
+
+
+def _set_k_schedule(eng, drafter, schedule) -> None:
+    eng.set_k_schedule(schedule)
+    if not drafter.learned:  # vLLM hands a custom-class proposer no k: it keeps its own copy of the table
+        eng.llm.collective_rpc(vllm_compat.update_proposer, args=({"k_schedule": [list(r) for r in schedule]},))
+
+
 def _count_drafter_forwards(worker, reset: bool) -> int:
+    if not hasattr(worker.model_runner.drafter, "model"):  # a model-free proposer: count its calls
+        return worker.model_runner.drafter.update({"stats": "reset" if reset else True})["stats"]["calls"]
     model = worker.model_runner.drafter.model
     if reset:
         model._codraft_forwards = 0
@@ -106,23 +142,23 @@ def _count_rejection_paths(worker, reset: bool) -> int:
 def test_k_schedule_drafts_only_where_k_is_positive_and_all_zero_turns_the_drafter_off(served, setup, request):
     from codraft.engine import Sampling
 
-    kind, _, eng = served
+    kind, drafter, eng = served
     full, top = [(1, eng.cfg.rollout.max_num_seqs, K)], eng.cfg.rollout.max_num_seqs
     prompts, sampling = setup["held"][:8], Sampling(1.0, 1.0, 40)
     try:
         before = eng.generate(prompts, n=4, sampling=sampling, seed=5).acceptance
-        eng.set_k_schedule([(1, 16, K), (17, top, 0)])  # 32 sequences start; only the tail drafts
+        _set_k_schedule(eng, drafter, [(1, 16, K), (17, top, 0)])  # 32 sequences start; only the tail drafts
         tail = eng.generate(prompts, n=4, sampling=sampling, seed=5).acceptance
         assert 0 < tail.drafts < before.drafts and eng.drafting
 
-        eng.set_k_schedule([(1, top, 0)])
+        _set_k_schedule(eng, drafter, [(1, top, 0)])
         assert not eng.drafting and eng.hooks["set_k_table"] and eng.hooks["set_drafting"]
         eng.llm.collective_rpc(_count_drafter_forwards, args=(True,))
         off = eng.generate(prompts, n=4, sampling=sampling, seed=5)
         assert off.acceptance.drafts == 0 and off.num_tokens > 0
         assert eng.llm.collective_rpc(_count_drafter_forwards, args=(False,)) == [0]  # no drafter forward at all
 
-        eng.set_k_schedule(full)
+        _set_k_schedule(eng, drafter, full)
         assert eng.drafting
         again = eng.generate(prompts, n=4, sampling=sampling, seed=5).acceptance
         assert again.drafts > 0 and eng.llm.collective_rpc(_count_drafter_forwards, args=(False,))[0] > 0
@@ -130,7 +166,7 @@ def test_k_schedule_drafts_only_where_k_is_positive_and_all_zero_turns_the_draft
 
         # off, the engine samples as a plain one: the same tokens and log-probs from the same seeds,
         # and its rejection sampler's own path is never taken
-        eng.set_k_schedule([(1, top, 0)])
+        _set_k_schedule(eng, drafter, [(1, top, 0)])
         eng.llm.collective_rpc(_count_rejection_paths, args=(True,))
         mine = eng.generate(setup["held"][:16], n=4, sampling=sampling, seed=11).completions
         theirs = request.getfixturevalue("plain").generate(setup["held"][:16], n=4, sampling=sampling, seed=11).completions
@@ -138,7 +174,7 @@ def test_k_schedule_drafts_only_where_k_is_positive_and_all_zero_turns_the_draft
         assert [c.logprobs for c in mine] == [c.logprobs for c in theirs]
         assert eng.llm.collective_rpc(_count_rejection_paths, args=(False,)) == [0]
     finally:
-        eng.set_k_schedule(full)
+        _set_k_schedule(eng, drafter, full)
 
 
 def test_speculation_is_lossless(served, plain, setup):
