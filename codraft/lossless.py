@@ -11,6 +11,12 @@ fails if any p-value is below alpha / (number of tests) (Bonferroni), at a fixed
 
 It catches both a wrong sampler and a wrong engine: with vLLM's CPU rejection-sampler kernel left
 unfixed and a drafter that always proposes the same token, the proposed token floods the output.
+
+Power: `detectable_shift` is the smallest change of one token's probability (from 0.5, the hardest
+case) that the per-position test finds with 80% power at the Bonferroni threshold, for a change in
+one prompt (n = samples per prompt per arm) and in every prompt at once (n = all samples per arm);
+the report prints both. The check runs at top-p = 1 and below (nucleus sampling changes the
+distributions the rejection sampler must keep).
 """
 from __future__ import annotations
 
@@ -28,6 +34,13 @@ class LosslessReport:
     alpha: float = 0.01
     samples: int = 0
     accept_len: float = float("nan")
+    prompts: int = 1
+    top_p: float = 1.0
+
+    def detectable(self, power: float = 0.8) -> tuple[float, float]:
+        """Smallest detectable shift of one token's probability (from 0.5): in one prompt, in every prompt."""
+        per_prompt = self.samples // max(1, self.prompts)
+        return detectable_shift(per_prompt, self.threshold, power), detectable_shift(self.samples, self.threshold, power)
 
     @property
     def threshold(self) -> float:
@@ -40,6 +53,24 @@ class LosslessReport:
     @property
     def min_p(self) -> float:
         return min((p for *_, p in self.rows), default=1.0)
+
+
+def detectable_shift(n_per_arm: int, level: float, power: float = 0.8, p0: float = 0.5) -> float:
+    """The smallest |p1 - p0| a two-sample chi-square test (1 degree of freedom) at significance
+    `level` detects with probability `power`, with `n_per_arm` samples in each arm: the noncentral
+    chi-square's noncentrality n d^2 / (2 p (1 - p)) (p the pooled probability) solved for d."""
+    from scipy.optimize import brentq
+    from scipy.stats import chi2, ncx2
+
+    if n_per_arm <= 0:
+        return float("nan")
+    crit = chi2.isf(level, 1)
+
+    def missed(d: float) -> float:
+        p = p0 + d / 2
+        return ncx2.sf(crit, 1, n_per_arm * d * d / (2 * p * (1 - p))) - power
+
+    return float(brentq(missed, 1e-9, 1 - p0 - 1e-9)) if missed(1 - p0 - 1e-9) > 0 else float("nan")
 
 
 def homogeneity(a: Counter, b: Counter, min_count: int = 10) -> tuple[int, float, float]:
@@ -76,15 +107,15 @@ def homogeneity(a: Counter, b: Counter, min_count: int = 10) -> tuple[int, float
     return categories, stat, float(chi2.sf(stat, dof))
 
 
-def _samples(engine: RolloutEngine, prompts: list[list[int]], n: int, tokens: int, seed: int):
-    gen = engine.generate(prompts, n=n, sampling=Sampling(1.0, 1.0, tokens), seed=seed)
+def _samples(engine: RolloutEngine, prompts: list[list[int]], n: int, tokens: int, seed: int, top_p: float = 1.0):
+    gen = engine.generate(prompts, n=n, sampling=Sampling(1.0, top_p, tokens), seed=seed)
     return [(c.prompt_index, tuple(c.token_ids)) for c in gen.completions], gen.acceptance
 
 
-def check_lossless(plain: RolloutEngine, spec: RolloutEngine, prompts: list[list[int]], samples_per_prompt: int = 256, positions: int = 12, alpha: float = 0.01, seed: int = 0, min_count: int = 10) -> LosslessReport:
-    a, _ = _samples(plain, prompts, samples_per_prompt, positions, seed)
-    b, acceptance = _samples(spec, prompts, samples_per_prompt, positions, seed + 1)
-    report = LosslessReport(alpha=alpha, samples=len(a))
+def check_lossless(plain: RolloutEngine, spec: RolloutEngine, prompts: list[list[int]], samples_per_prompt: int = 256, positions: int = 64, alpha: float = 0.01, seed: int = 0, min_count: int = 10, top_p: float = 1.0) -> LosslessReport:
+    a, _ = _samples(plain, prompts, samples_per_prompt, positions, seed, top_p)
+    b, acceptance = _samples(spec, prompts, samples_per_prompt, positions, seed + 1, top_p)
+    report = LosslessReport(alpha=alpha, samples=len(a), prompts=len(prompts), top_p=top_p)
     if acceptance is not None and acceptance.drafts:
         report.accept_len = acceptance.accept_len
     pad = -1  # finished sequences contribute "ended" at later positions
@@ -112,7 +143,12 @@ def format_report(report: LosslessReport, title: str) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{title}: {'PASS' if report.passed else 'FAIL'} (alpha {report.alpha}, Bonferroni threshold {report.threshold:.2e}, {report.samples} samples per arm, accept len {report.accept_len:.2f})")
+    one, every = report.detectable()
+    table = Table(title=(
+        f"{title}, top-p {report.top_p}: {'PASS' if report.passed else 'FAIL'} (alpha {report.alpha}, Bonferroni threshold {report.threshold:.2e}, "
+        f"{report.samples} samples per arm, accept len {report.accept_len:.2f}); detects with 80% power a shift of one token's "
+        f"probability 0.5 by {one:.3f} in one prompt, {every:.3f} in every prompt"
+    ))
     for col in ("test", "categories", "chi2", "p-value"):
         table.add_column(col, justify="right")
     for name, cats, stat, p in report.rows:
