@@ -71,7 +71,10 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
     policy_dir = find_policy_dir(cfg, task, dist)
     prompts = Prompts.load(cfg, task, splits, policy_dir)
     attention = "eager" if dist.device.type == "cpu" else "sdpa"  # eager attention trains faster on CPU here
-    policy = apply_lora(load_policy(policy_dir, attention, dist.device), cfg.lora)  # LoRA: only adapters train
+    policy = load_policy(policy_dir, attention, dist.device)
+    if cfg.grpo.gradient_checkpointing:  # recompute layers in backward instead of keeping their activations
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = apply_lora(policy, cfg.lora)  # LoRA: only adapters train
     config, parts = policy.config, target_parts(policy)
     reference = load_reference(policy_dir, attention, dist.device) if cfg.grpo.kl_coef > 0 else None
     # the main rank owns the drafter and the engine; the drafter warm-starts on the unwrapped policy

@@ -164,6 +164,10 @@ class GRPOConfig:
     """Most (padded) tokens per forward/backward micro-batch."""
     behavior_logprobs: Literal["recompute", "engine"] = "recompute"
     """Log-probs of the generating policy: recomputed by the trainer in fp32, or the engine's."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass instead of keeping its activations (Hugging
+    Face gradient checkpointing, non-reentrant): a micro-batch keeps one layer's activations plus every
+    layer's input, for about a third more training compute. For long sequences on real checkpoints."""
     autocast_bf16: bool = True
     """Train and score under bf16 autocast where the device runs bf16 natively (GPUs; CPUs with AMX,
     AVX512-BF16 or Arm BF16), fp32 elsewhere, where emulated bf16 is slower; master weights stay fp32."""

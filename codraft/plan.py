@@ -180,7 +180,9 @@ def policy_rows(cfg: Config, f: ModelFacts, world: int) -> list[tuple[str, str, 
     fsdp, ddp, auto = world > 1 and cfg.dist.strategy == "fsdp", world > 1 and cfg.dist.strategy == "ddp", cfg.grpo.autocast_bf16
     shard, frac = (world if fsdp else 1), f.trainable / f.params
     mbt = max(cfg.grpo.micro_batch_tokens, cfg.model.max_len)  # a longer sequence gets a micro-batch of its own
-    act = f.layers * pt.layer_activation_bytes(f.hidden, f.intermediate, f.q_dim, f.kv_dim, auto) + pt.OUTSIDE_LAYERS_PER_TOKEN_H * f.hidden
+    layer_act = pt.layer_activation_bytes(f.hidden, f.intermediate, f.q_dim, f.kv_dim, auto)
+    ckpt = cfg.grpo.gradient_checkpointing  # each layer's fp32 input kept, one layer's activations rebuilt at a time
+    act = (f.layers * 4 * f.hidden + layer_act if ckpt else f.layers * layer_act) + pt.OUTSIDE_LAYERS_PER_TOKEN_H * f.hidden
     hook = (f.layers + 1) * 4 * f.hidden + 4 * f.drafter_feature + pt.HOOK_LOGITS_PER_TOKEN_V * f.vocab
     strategy = "FSDP2 / %d" % world if fsdp else ("DDP replica" if ddp else "one process")
     lora = f", LoRA r={cfg.lora.rank}: {f.trainable / 1e6:.0f}M trained" if cfg.lora.rank else ""
@@ -195,8 +197,8 @@ def policy_rows(cfg: Config, f: ModelFacts, world: int) -> list[tuple[str, str, 
         ("hidden states + teacher for the drafter", "logprob", lambda r: mbt * hook if r.main and f.drafter else 0),
         ("FSDP2 gathered: embedding, head, 2 layers", "train", lambda r: (f.embed + f.head + 2 * f.layer) * 4 if r.trainer and fsdp else 0),
         ("FSDP2 unsharded gradients: root + 1 layer", "train", lambda r: (f.embed + f.head + f.layer) * 4 * frac if r.trainer and fsdp else 0),
-        ("bf16 weight copies kept for backward", "train", lambda r: (f.params - f.embed) * 2 if r.trainer and auto else 0),
-        (f"activations, {mbt} tokens x {f.layers} layers{' (bf16 autocast)' if auto else ' (fp32)'}", "train", lambda r: mbt * act if r.trainer else 0),
+        ("bf16 weight copies kept for backward", "train", lambda r: (f.layer if ckpt else f.params - f.embed) * 2 if r.trainer and auto else 0),
+        (f"activations, {mbt} tokens x {f.layers} layers{' (bf16 autocast)' if auto else ' (fp32)'}{', checkpointed' if ckpt else ''}", "train", lambda r: mbt * act if r.trainer else 0),
         ("logits and loss chain", "train", lambda r: mbt * pt.TRAIN_LOGITS_PER_TOKEN_V[auto] * f.vocab if r.trainer else 0),
     ]
 

@@ -33,6 +33,7 @@ WARMSTART_VERSION = 2  # bump when a drafter's architecture or its warm start ch
 def sample_completions(policy, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int, eos_id: int, pad_id: int, seed: int, batch_size: int = 64) -> list[tuple[list[int], list[int]]]:
     """(prompt, completion) pairs sampled from `policy` with Hugging Face `generate`."""
     torch.manual_seed(seed)
+    device = next(policy.parameters()).device
     jobs = [p for p in prompts for _ in range(n)]
     out = []
     for start in range(0, len(jobs), batch_size):
@@ -44,9 +45,9 @@ def sample_completions(policy, prompts: list[list[int]], n: int, temperature: fl
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         gen = policy.generate(
-            input_ids=ids, attention_mask=mask, do_sample=temperature > 0, temperature=temperature or None, top_k=0, top_p=1.0,
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=temperature > 0, temperature=temperature or None, top_k=0, top_p=1.0,
             max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
-        )
+        ).cpu()
         for i, p in enumerate(chunk):
             completion = gen[i, width:].tolist()
             if eos_id in completion:
@@ -61,14 +62,15 @@ def sample_completions(policy, prompts: list[list[int]], n: int, temperature: fl
 def record_examples(policy, pairs: list[tuple[list[int], list[int]]], drafter: Drafter, pad_id: int, temperature: float = 1.0, top_k: int = 0, batch_size: int = 32) -> list[DistillExample]:
     """One policy forward per batch: the drafter's features and the policy's next-token distributions."""
     examples = []
+    device = next(policy.parameters()).device
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = make_batch([p for p, _ in chunk], [c for _, c in chunk], pad_id)
-        out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-        feats = features_from_forward(batch.input_ids, batch.attention_mask, out.hidden_states, drafter.aux_layers, drafter.needs_last)
+        out = policy(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), output_hidden_states=True)
+        feats = features_from_forward(batch.input_ids.to(device), batch.attention_mask.to(device), out.hidden_states, drafter.aux_layers, drafter.needs_last)
         target_mask = torch.zeros_like(batch.completion_mask)
         target_mask[:, :-1] = batch.completion_mask[:, 1:]  # position t predicts a completion token
-        examples += examples_from_forward(feats, target_mask, out.logits / max(temperature, 1e-6), top_k)
+        examples += examples_from_forward(feats, target_mask.to(device), out.logits / max(temperature, 1e-6), top_k)
     return examples
 
 
@@ -100,8 +102,8 @@ def warm_drafter(cfg: Config, policy, prompts: list[list[int]], policy_dir: Path
     counts = torch.zeros(policy.config.vocab_size)
     for p, c in pairs:
         counts.index_add_(0, torch.tensor(p + c), torch.ones(len(p) + len(c)))
-    drafter = build_drafter(policy, dcfg, token_counts=counts)
-    examples = record_examples(policy, pairs, drafter, pad_id, cfg.rollout.temperature)
+    drafter = build_drafter(policy, dcfg, token_counts=counts).to(next(policy.parameters()).device)
+    examples = record_examples(policy, pairs, drafter, pad_id, cfg.rollout.temperature, top_k=cfg.controller.teacher_top_k)
     held_out, train = examples[: len(examples) // 8], examples[len(examples) // 8 :]
     parts = target_parts(policy)
     vocab = policy.config.vocab_size
@@ -133,7 +135,7 @@ def initial_drafter(cfg: Config, policy, prompts, policy_dir: Path, eos_id: int,
         path = Path(cfg.drafter.path)
     else:
         path, _ = warm_drafter(cfg, policy, prompts, policy_dir, eos_id, pad_id, log)
-    drafter = load_drafter(path, policy)
+    drafter = load_drafter(path, policy).to(next(policy.parameters()).device)  # the policy's device (a GPU when there is one)
     if drafter.name != cfg.drafter.kind:
         from codraft.drafter import DrafterMismatch
 

@@ -173,3 +173,19 @@ def test_entropy_bonus_raises_the_entropy_of_a_flat_objective():
     assert first["trained_frac"] == 1.0 and second["entropy"] > first["entropy"]
     none = GRPOTrainer(Toy(), GRPOConfig(lr=0.5, mini_batches=1, autocast_bf16=False))
     assert none.update(batch, none.score(batch), torch.tensor([0.0, 0.0]))["trained_frac"] == 0.0
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_policy_dir):
+    """Recomputing layers in the backward pass changes memory, not the gradient."""
+    from transformers import AutoModelForCausalLM
+
+    batch = make_batch([[1, 2, 3], [1, 4]], [[5, 6, 7], [8, 9]], pad_id=0)
+    updated = []
+    for ckpt in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = GRPOTrainer(model, GRPOConfig(lr=1e-3, mini_batches=1, autocast_bf16=False))
+        trainer.update(batch, trainer.score(batch), torch.tensor([1.0, -1.0]))
+        updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(updated[0], updated[1], atol=1e-6)

@@ -145,3 +145,12 @@ def test_activation_coefficients_match_what_autograd_saves(autocast):
             saved[layers, T] = saved_bytes(model, torch.randint(0, 128, (1, T)), autocast)
     measured = (saved[4, 160] - saved[2, 160] - saved[4, 64] + saved[2, 64]) / 2 / (160 - 64)
     assert measured == pytest.approx(layer_activation_bytes(h, inter, heads * hd, kv * hd, autocast), rel=0.1)
+
+
+def test_gradient_checkpointing_lets_4096_token_sequences_fit_80gb():
+    from codraft.configfile import load_config
+    from codraft.plan import estimate, overflows
+
+    long = ["model.max_len=4096", "rollout.max_new_tokens=3072", "grpo.micro_batch_tokens=4096"]
+    assert overflows(estimate(load_config("qwen3-8b-8gpu", overrides=long)))
+    assert not overflows(estimate(load_config("qwen3-8b-8gpu", overrides=long + ["grpo.gradient_checkpointing=true"])))
