@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from analysis.runs import RunData, accept_len_series, decision_steps, run_label, series, summarize, varying_keys  # noqa: E402
+from analysis.runs import RunData, step_acceptance, accept_len_series, decision_steps, run_label, series, summarize, varying_keys  # noqa: E402
 from analysis.stats import SEED_KEY, mean_curve  # noqa: E402
 from codraft.metrics import STAGES  # noqa: E402
 LINESTYLES = ["-", "--", ":", "-."]
@@ -146,6 +146,38 @@ def plot_staleness(runs: Sequence[RunData], path: Path) -> Path:
         ax.set_ylabel("mean acceptance length (tokens per verify step)")
         ax.grid(alpha=0.3)
     ax.set_title("Drafter staleness: acceptance length per step, by configuration")
+    return _save(fig, path)
+
+
+def plot_kl_acceptance(runs: Sequence[RunData], path: Path) -> Path:
+    """(f) Acceptance length of each step against `drafter/policy_kl` (KL of the policy from the one
+    the serving drafter was distilled against), one colour per configuration, every seed's steps as
+    points with the configuration's least-squares line."""
+    import numpy as np
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    drawn = 0
+    for label, color, members in _configurations(runs):
+        pts = [(float(r["drafter/policy_kl"]), step_acceptance(r).accept_len) for run in members for r in run.steps
+               if step_acceptance(r).drafts and isinstance(r.get("drafter/policy_kl"), (int, float)) and math.isfinite(r["drafter/policy_kl"])]
+        if not pts:
+            continue
+        drawn += 1
+        xs, ys = zip(*pts)
+        ax.scatter(xs, ys, s=10, color=color, alpha=0.5, label=label)
+        if len(set(xs)) > 2:
+            a, b = np.polyfit(xs, ys, 1)
+            grid = np.linspace(min(xs), max(xs), 20)
+            ax.plot(grid, a * grid + b, color=color, linewidth=1.5)
+    if not drawn:
+        _no_data(ax, "no drafter/policy_kl recorded in these runs")
+    else:
+        _legend(ax, n=drawn)
+        ax.set_xlabel("KL(policy now || policy the drafter was distilled against), token mean")
+        ax.set_ylabel("acceptance length (tokens per verify step)")
+        ax.grid(alpha=0.3)
+    ax.set_title("Acceptance against policy drift")
     return _save(fig, path)
 
 

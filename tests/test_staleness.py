@@ -1,0 +1,47 @@
+"""analysis/staleness.py on synthetic runs whose acceptance falls linearly with a known policy KL."""
+import math
+from pathlib import Path
+
+import pytest
+
+from test_analysis import write_run
+
+
+def drifting_run(run_dir: Path, policy: str, seed: int, steps: int = 24) -> Path:
+    """Acceptance length 2.5 - 2 * KL, KL growing 0.01 per step since the last swap (every_n: every step)."""
+    records, since = [], 0
+    for s in range(steps):
+        kl = 0.01 * since
+        drafts = 1000
+        accepted = round(drafts * (1.5 - 2.0 * kl))
+        decision = "swap" if policy == "every_n" else "keep"
+        records.append({
+            "step": s, "reward/mean": 0.3, "spec/drafts": drafts, "spec/draft_tokens": 3 * drafts, "spec/accepted": accepted,
+            "spec/accepted_pos_0": accepted // 2, "spec/accepted_pos_1": accepted // 3, "spec/accepted_pos_2": accepted - accepted // 2 - accepted // 3,
+            "controller/decision": decision, "drafter/policy_kl": kl, "train/entropy": 0.2 - 0.001 * s + 0.001 * seed,
+            "time/step_s": 1.0, "time/gen_s": 0.5,
+        })
+        since = 0 if decision == "swap" else since + 1
+    return write_run(run_dir, [f"controller.policy={policy}", "drafter.kind=eagle3", f"run.seed={seed}", f"run.steps={steps}"], records, {"eval/accuracy": 0.5})
+
+
+def test_staleness_table_recovers_the_planted_slope_and_decay(tmp_path):
+    from analysis.staleness import analyse
+
+    root = tmp_path / "sweep"
+    for policy in ("never", "every_n"):
+        for seed in (0, 1):
+            drifting_run(root / f"policy-{policy}__seed-{seed}", policy, seed)
+    md = analyse([root], tmp_path / "out")
+    rows = {r.split("|")[1].strip(): r for r in md.read_text().splitlines() if r.startswith("| ") and "---" not in r and "policy" not in r.split("|")[1]}
+    never = [c.strip() for c in rows["never"].split("|")]
+    # cells: "", policy, seeds, early, late, change, KL at the end, entropy first, entropy last, slope
+    assert never[2] == "2"
+    assert float(never[3].split()[0]) == pytest.approx(2.5 - 2 * 0.045, abs=0.01)  # mean KL over steps 0-9 is 0.045
+    assert float(never[6].split()[0]) == pytest.approx(0.23, abs=1e-6)  # KL at the end (23 steps since the warm start)
+    assert float(never[8].split()[0]) == pytest.approx(0.1775, abs=1e-3)  # entropy at the end, mean of two seeds
+    assert float(never[9].split()[0]) == pytest.approx(-2.0, abs=0.01)  # the planted slope
+    every = [c.strip() for c in rows["every_n"].split("|")]
+    assert float(every[5].split()[0]) == pytest.approx(0.0, abs=1e-9)  # no decay when refreshed every step
+    assert (tmp_path / "out" / "accept_len_vs_policy_kl.png").stat().st_size > 1000
+    assert "Hardware:" in md.read_text() and math.isfinite(float(never[3].split()[0]))
