@@ -7,12 +7,16 @@
     codraft check-lossless --biased --no-cpu-fix                         # shows vLLM's CPU bug
     codraft policies                                                     # registered refresh policies
     codraft plan --preset qwen3-8b-8gpu                                  # memory per GPU; exits 1 if it does not fit
+    codraft export-drafter runs/smoke --out eagle3-speculators          # the run's drafter in vLLM's speculators format
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
 
 from codraft.cliargs import Command, ConfigArgs
 
@@ -218,6 +222,52 @@ def cmd_plan(args: PlanArgs) -> int:
     return 0 if plan.fits else 1
 
 
+@dataclass
+class ExportDrafterArgs:
+    """Write a run's serving drafter (RUN_DIR/drafter) as a checkpoint vLLM serves. `speculators`: the format of
+    vLLM's speculators library, naming the run's policy as its verifier (`vllm serve DIR`, `LLM(model=DIR)`);
+    `vllm`: the plain one codraft serves (`speculative_config={"method": "eagle3", "model": DIR, ...}`)."""
+
+    run_dir: Annotated[Path, tyro.conf.Positional]
+    """The run directory (holds drafter/ and policy/)."""
+    out: Path
+    """Directory to write (new, or one holding only a drafter checkpoint, which is replaced)."""
+    format: Literal["speculators", "vllm"] = "speculators"
+    """Checkpoint format."""
+    verifier: str = ""
+    """Verifier (target) name or path written into a speculators config (default: RUN_DIR/policy, absolute)."""
+    k: int = 0
+    """Draft tokens per step written into a speculators config (default: the run's drafter.num_speculative_tokens)."""
+
+
+def cmd_export_drafter(args: ExportDrafterArgs) -> int:
+    import json
+    import tomllib
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from codraft.drafter import load_drafter
+
+    policy_dir, drafter_dir, out = args.run_dir / "policy", args.run_dir / "drafter", Path(args.out)
+    for needed in (policy_dir / "config.json", drafter_dir / "config.json"):
+        if not needed.is_file():
+            raise FileNotFoundError(f"export-drafter {args.run_dir}: no {needed.relative_to(args.run_dir)} (not a run directory with a drafter)")
+    if out.exists() and (out.resolve() == drafter_dir.resolve() or not out.is_dir() or {p.name for p in out.iterdir()} - {"config.json", "model.safetensors"}):
+        raise FileExistsError(f"--out {out} is the run's drafter or holds other files; choose a new directory")
+    target = AutoConfig.from_pretrained(policy_dir)
+    with torch.device("meta"):  # the target's config and shapes only, no weights
+        policy = AutoModelForCausalLM.from_config(target)
+    drafter = load_drafter(drafter_dir, policy)
+    run_config = args.run_dir / "config.toml"
+    k = args.k or (tomllib.loads(run_config.read_text()).get("drafter", {}).get("num_speculative_tokens", 3) if run_config.is_file() else 3)
+    verifier = {"name_or_path": args.verifier or str(policy_dir.resolve()), "architectures": list(target.architectures or [])}
+    drafter.export(out, fmt=args.format, verifier=verifier, k=k)
+    serve = f"LLM(model={str(out)!r})" if args.format == "speculators" else f"speculative_config={json.dumps(drafter.speculative_config(out, k))}"
+    print(f"wrote the {drafter.name} drafter of {args.run_dir} to {out} ({args.format} format); vLLM serves it with {serve}")
+    return 0
+
+
 CORE_COMMANDS = (
     Command("run", RunArgs, cmd_run),
     Command("config", ShowConfigArgs, cmd_config),
@@ -226,4 +276,5 @@ CORE_COMMANDS = (
     Command("drafters", DraftersArgs, cmd_drafters),
     Command("tasks", TasksArgs, cmd_tasks),
     Command("plan", PlanArgs, cmd_plan),
+    Command("export-drafter", ExportDrafterArgs, cmd_export_drafter),
 )

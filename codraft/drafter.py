@@ -8,6 +8,7 @@ A drafter kind is one module under `drafters/`, registered by name:
     drafter = build_drafter(policy, cfg.drafter)                      # fits the target's shapes
     outs = drafter.unroll(features, target_parts(policy), steps=3)   # teacher-forced draft logits
     drafter.export(run_dir / "drafter")                               # config.json + model.safetensors
+    drafter = load_drafter(path, policy)   # codraft's export, or a published checkpoint a kind `reads`
     engine_kwargs = drafter.speculative_config(run_dir / "drafter", k=3)
 
 `unroll` returns, per draft step j, draft logits over the target vocabulary [B, T, V] and the shift
@@ -117,6 +118,7 @@ class Drafter(nn.Module):
     aux_layers: tuple[int, ...] = ()  # target layers whose entering residual stream the head reads
     needs_last: bool = False  # whether the head reads the target's final hidden state
     learned: ClassVar[bool] = True  # False: nothing to distil (no `unroll`); refreshed through `on_rollouts`
+    reads: ClassVar[tuple[str, ...]] = ()  # published formats `load_drafter` hands this kind: "architectures:<name>", "speculators:<type>"
 
     @classmethod
     def build(cls, policy: nn.Module, settings: Any, token_counts: torch.Tensor | None = None) -> "Drafter":
@@ -155,6 +157,11 @@ class Drafter(nn.Module):
             for name, tensor in mine.items():
                 tensor.copy_(weights[name].to(tensor.dtype))
 
+    def speculators_checkpoint(self, verifier: dict, k: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        """config.json and tensors in the layout of vLLM's `speculators` library (`speculators_model_type`),
+        naming `verifier` ({"name_or_path", "architectures"}) and `k` draft tokens; kinds that have one."""
+        raise ValueError(f"drafter kind {self.name!r} has no speculators format; export it with format 'vllm'")
+
     def speculative_config(self, path: Path, k: int) -> dict:
         return {"method": self.method, "model": str(path), "num_speculative_tokens": k}
 
@@ -177,14 +184,18 @@ class Drafter(nn.Module):
         """Restore `runtime_state()` into this drafter and the one live in `engine`."""
 
     # ------------------------------------------------------------------ files
-    def export(self, path: Path, dtype: torch.dtype = torch.bfloat16) -> None:
-        """Write config.json + model.safetensors atomically (the old checkpoint stays until done)."""
+    def export(self, path: Path, dtype: torch.dtype = torch.bfloat16, fmt: str = "vllm", verifier: dict | None = None, k: int = 3) -> None:
+        """Write config.json + model.safetensors atomically (the old checkpoint stays until done): in the
+        format codraft serves (`fmt="vllm"`), or in vLLM's `speculators` one (`speculators_checkpoint`)."""
         from safetensors.torch import save_file
 
-        weights = {k: v.detach().to(dtype).contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu() for k, v in self.serving_weights().items()}
+        if fmt not in CHECKPOINT_FORMATS:
+            raise ValueError(f"unknown drafter checkpoint format {fmt!r} (known: {', '.join(CHECKPOINT_FORMATS)})")
+        config, tensors = (self.hf_config(), self.serving_weights()) if fmt == "vllm" else self.speculators_checkpoint(verifier or {}, k)
+        weights = {name: t.detach().to(dtype).contiguous().cpu() if t.is_floating_point() else t.detach().contiguous().cpu() for name, t in tensors.items()}
         check_finite(weights, path)
         with atomic_dir(path) as tmp:
-            (tmp / "config.json").write_text(json.dumps({**self.hf_config(), "codraft_kind": self.name}, indent=2))
+            (tmp / "config.json").write_text(json.dumps({**config, "codraft_kind": self.name}, indent=2))
             save_file(weights, str(tmp / "model.safetensors"))
 
 
@@ -195,6 +206,7 @@ def check_finite(weights: dict[str, torch.Tensor], where) -> None:
 
 
 DRAFTERS: Registry[Drafter] = Registry("drafter kind", plugin_package="drafters")
+CHECKPOINT_FORMATS = ("vllm", "speculators")  # codraft's own (vLLM's plain speculative_config route), vLLM's speculators library
 
 
 def drafter_settings(cfg: DrafterConfig) -> tuple[type[Drafter], Any]:
@@ -217,25 +229,53 @@ def describe_drafters() -> str:
 
 
 def load_drafter(path: Path, policy: nn.Module) -> Drafter:
-    """Read a drafter checkpoint written by `Drafter.export`, checking it fits `policy`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Read a drafter checkpoint, checking it fits `policy`: one codraft wrote (`codraft_kind`), or a
+    published one in a format a registered kind reads (`Drafter.reads`): vLLM's speculators layout
+    (`speculators_model_type`) or a classic one by its `architectures` (say `LlamaForCausalLMEagle3`)."""
     path = Path(path)
-    config_file, weights_file = path / "config.json", path / "model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise FileNotFoundError(f"drafter checkpoint {path} needs config.json and model.safetensors")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise DrafterMismatch(f"drafter config {config_file} is not valid JSON: {err}") from None
-    kind = config.get("codraft_kind")
-    if kind is None:
-        raise DrafterMismatch(f"drafter config {config_file} has no codraft_kind (not written by codraft)")
-    try:
-        weights = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise DrafterMismatch(f"drafter weights {weights_file} cannot be read (corrupt safetensors?): {err}") from None
-    drafter = DRAFTERS.get(kind).from_checkpoint(config, weights, policy)
+    kind = checkpoint_kind(config, config_file)
+    drafter = DRAFTERS.get(kind).from_checkpoint(config, read_weights(path), policy)
     drafter.check_fits(policy.config)
     return drafter
+
+
+def checkpoint_kind(config: dict, where) -> str:
+    """The kind that reads a checkpoint: `codraft_kind`, else the kind declaring its format in `reads`
+    itself (a subclass inherits its parent's reader, not its claim)."""
+    if config.get("codraft_kind"):
+        return config["codraft_kind"]
+    if "speculators_model_type" in config:
+        formats = [f"speculators:{config['speculators_model_type']}"]
+    else:
+        formats = [f"architectures:{name}" for name in config.get("architectures") or []]
+    for name in DRAFTERS.names():
+        if set(formats) & set(vars(DRAFTERS.get(name)).get("reads", ())):
+            return name
+    known = sorted(f for name in DRAFTERS.names() for f in vars(DRAFTERS.get(name)).get("reads", ()))
+    raise DrafterMismatch(f"drafter config {where} is in no format codraft reads: no codraft_kind, and {formats or 'no architectures'} is none of {known}")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors: model.safetensors, else its *.safetensors shards, else pytorch_model.bin."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
+    if not files and not (path / "pytorch_model.bin").is_file():
+        raise FileNotFoundError(f"drafter checkpoint {path} needs config.json and model.safetensors (or pytorch_model.bin)")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files or [path / "pytorch_model.bin"]:
+        try:
+            weights.update(load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True))
+        except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise DrafterMismatch(f"drafter weights {file} cannot be read (corrupt safetensors?): {err}") from None
+    return weights

@@ -8,6 +8,10 @@ Architecture (what vLLM computes with these weights):
     logits = lm_head(norm(g'))                            # own head over a draft vocabulary (d2t maps ids)
 At draft step j >= 1 the hidden input is g' of step j-1 (no fc); training unrolls the steps
 (training-time test) with the attention pattern vLLM sees (`codraft.nn.DraftBlock.attend`).
+With `norm_before_residual` the residual is hidden_norm(g) instead of g (vLLM's flag of that name).
+
+Checkpoints: codraft exports the classic layout (`LlamaForCausalLMEagle3`, what it serves) or vLLM's
+`speculators` layout, and reads both as published (drafters/eagle3_formats.py).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from torch import nn
 from codraft.config import ConfigError
 from codraft.drafter import DRAFTERS, Drafter, DrafterMismatch, Features, TargetParts, shifted, target_shape
 from codraft.nn import DraftBlock, RMSNorm
+from drafters.eagle3_formats import read_eagle3, to_speculators
 
 
 def default_aux_layers(num_layers: int) -> tuple[int, ...]:
@@ -49,22 +54,27 @@ class Eagle3Drafter(Drafter):
     description = "EAGLE-3 head: fuses three target layers, one decoder layer, own (reducible) vocabulary; vLLM `eagle3`."
     Config = Eagle3Config
     method = "eagle3"
+    reads = ("architectures:LlamaForCausalLMEagle3", "architectures:Eagle3LlamaForCausalLM", "speculators:eagle3")
 
-    def __init__(self, shape: dict, aux_layers: tuple[int, ...], draft_ids: torch.Tensor | None):
+    def __init__(self, shape: dict, aux_layers: tuple[int, ...], draft_ids: torch.Tensor | None, norm_before_residual: bool = False, embed: torch.Tensor | None = None):
         super().__init__()
         H = shape["hidden_size"]
         self.shape = shape
         self.aux_layers = tuple(aux_layers)
         self.vocab_size = shape["vocab_size"]
+        self.norm_before_residual = bool(norm_before_residual)
         vd = self.vocab_size if draft_ids is None else len(draft_ids)
         self.fc = nn.Linear(len(aux_layers) * H, H, bias=False)
         self.input_layernorm = RMSNorm(H, shape["rms_norm_eps"])
         self.hidden_norm = RMSNorm(H, shape["rms_norm_eps"])
-        self.block = DraftBlock(2 * H, H, shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], shape["intermediate_size"], shape["rms_norm_eps"], shape["rope_theta"])
+        self.block = DraftBlock(2 * H, H, shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], shape["intermediate_size"], shape["rms_norm_eps"], shape["rope_theta"],
+                                qkv_bias=shape.get("attention_bias", False))
         self.norm = RMSNorm(H, shape["rms_norm_eps"])
         self.lm_head = nn.Linear(H, vd, bias=False)
         # draft id -> target id; None means the draft vocabulary is the target's
         self.register_buffer("draft_ids", draft_ids.long() if draft_ids is not None else None)
+        # [V, H] a published head's own (frozen) token embedding; None: the target's, shared as vLLM shares it
+        self.register_buffer("embed_tokens", embed.float() if embed is not None else None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -115,18 +125,20 @@ class Eagle3Drafter(Drafter):
         ids, mask = feats.input_ids, feats.attention_mask
         T = ids.shape[1]
         hidden = self.fc(feats.aux.to(self.fc.weight.dtype))  # [B, T, H]
+        table = self.embed_tokens if self.embed_tokens is not None else target.embed  # [V, H]
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         outs = []
         for j in range(steps):
             token = shifted(ids, 1 + j)  # the token after the one at i + j
-            emb = F.embedding(token, target.embed).to(hidden.dtype)  # [B, T, H]
+            emb = F.embedding(token, table).to(hidden.dtype)  # [B, T, H]
             positions = torch.arange(T, device=ids.device) + j
-            x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)  # [B, T, 2H]
+            normed = self.hidden_norm(hidden)
+            x = torch.cat([self.input_layernorm(emb), normed], dim=-1)  # [B, T, 2H]
             q, k, v = self.block.qkv(x, positions)
             keys.append(k)
             values.append(v)
-            residual = hidden + self.block.attend(q, keys, values, mask)
+            residual = (normed if self.norm_before_residual else hidden) + self.block.attend(q, keys, values, mask)
             hidden = residual + self.block.mlp(self.block.post_attention_layernorm(residual))  # pre-norm output
             logits = self.lm_head(self.norm(hidden))  # [B, T, Vd]
             outs.append((self.full_vocab(logits.float()), 1 + j))
@@ -152,8 +164,8 @@ class Eagle3Drafter(Drafter):
             "draft_vocab_size": self.lm_head.weight.shape[0],
             "hidden_act": "silu",
             "tie_word_embeddings": False,
-            "attention_bias": False,
-            "norm_before_residual": False,
+            "attention_bias": bool(s.get("attention_bias", False)),
+            "norm_before_residual": self.norm_before_residual,
             "eagle_aux_hidden_state_layer_ids": list(self.aux_layers),
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.aux_layers), "use_aux_hidden_state": True},
             "torch_dtype": "bfloat16",
@@ -169,18 +181,23 @@ class Eagle3Drafter(Drafter):
             "lm_head.weight": self.lm_head.weight,
         }
         if self.draft_ids is not None:
-            out["d2t"] = self.draft_ids - torch.arange(len(self.draft_ids))  # offsets: target = draft + d2t
+            out["d2t"] = self.draft_ids - torch.arange(len(self.draft_ids), device=self.draft_ids.device)  # offsets: target = draft + d2t
+        if self.embed_tokens is not None:
+            out["embed_tokens.weight"] = self.embed_tokens
         return out
+
+    def speculators_checkpoint(self, verifier: dict, k: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        return to_speculators(self.hf_config(), self.serving_weights(), verifier, k)
 
     @classmethod
     def from_checkpoint(cls, config: dict, weights: dict[str, torch.Tensor], policy: nn.Module) -> "Eagle3Drafter":
-        shape = target_shape(policy.config)
-        shape.update({k: config[k] for k in ("intermediate_size", "head_dim", "rms_norm_eps", "rope_theta") if k in config})
-        shape.update(num_heads=config["num_attention_heads"], num_kv_heads=config["num_key_value_heads"], hidden_size=config["hidden_size"])
-        draft_ids = None
-        if "d2t" in weights:
-            draft_ids = weights["d2t"].long() + torch.arange(len(weights["d2t"]))
-        drafter = cls(shape, tuple(config["eagle_aux_hidden_state_layer_ids"]), draft_ids)
-        drafter.vocab_size = config["vocab_size"]
-        drafter.load_serving_weights(weights)
+        """Codraft's own export, or a published classic / speculators checkpoint (drafters/eagle3_formats.py)."""
+        ckpt = read_eagle3(config, weights, policy.config, policy.get_input_embeddings().weight)
+        shape = {**target_shape(policy.config), **ckpt.head, "vocab_size": ckpt.vocab_size}
+        drafter = cls(shape, ckpt.aux_layers, ckpt.draft_ids, norm_before_residual=ckpt.norm_before_residual, embed=ckpt.embed)
+        drafter.check_fits(policy.config)  # the reason it does not fit the target before any weight shape
+        extra = sorted(set(ckpt.weights) - set(drafter.serving_weights()))
+        if extra:
+            raise DrafterMismatch(f"EAGLE-3 checkpoint holds tensors codraft's head does not compute: {extra[:4]}{'...' if len(extra) > 4 else ''}")
+        drafter.load_serving_weights(ckpt.weights)
         return drafter
