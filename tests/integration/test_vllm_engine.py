@@ -7,6 +7,7 @@ import torch
 
 from codraft.batch import token_logprobs
 from codraft.configfile import load_config
+from codraft.vllm_engine import CHUNK_BYTES
 
 pytestmark = pytest.mark.integration
 
@@ -43,14 +44,20 @@ def test_weight_sync_changes_engine_logprobs(engine, tiny_policy_dir):
     assert (before - target).abs().max() > 0.5  # the perturbation is visible before the sync
 
     engine.load_policy_weights(model.state_dict().items())
-    assert engine.hooks["reload_policy"]
+    assert engine.hooks["install_weight_transfer"]  # through vLLM's weight-update session, codraft's backend
+    assert engine.last_sync["chunks"] == 1 and engine.last_sync["bytes"] == 0  # in process: the tensors themselves
     after = torch.tensor(engine.prompt_logprobs(ids))
     assert (after - target).abs().max() < 0.1
     assert (after - target).abs().mean() < 0.02
     assert (after - before).abs().max() > 0.5
 
     original = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32)
-    engine.load_policy_weights(original.state_dict().items())  # leave the shared engine as found
+    engine.chunk_bytes = 64 * 1024  # whole layers per chunk: every layer of the policy is replaced, in many updates
+    try:
+        engine.load_policy_weights(original.state_dict().items())  # leave the shared engine as found
+    finally:
+        engine.chunk_bytes = CHUNK_BYTES
+    assert engine.last_sync["chunks"] > 4
     assert (torch.tensor(engine.prompt_logprobs(ids)) - before).abs().max() < 1e-3
 
 
@@ -66,6 +73,39 @@ def test_generation_is_seeded_and_grouped(engine, tiny_cfg):
     for c in a.completions:
         assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
     assert "apply_rejection_fix" not in engine.hooks and "plain_sampling_without_drafts" not in engine.hooks  # speculation only
+
+
+def test_a_drafter_swap_in_process_changes_acceptance_and_swapping_back_restores_it(tiny_cfg, tiny_policy_dir):
+    """Placed after the last test of the shared engine: closing an engine in process resets vLLM's
+    process-wide parallel state, which an engine built before it still uses.
+    The hot swap through vLLM's draft weight-update session (`start_draft_weight_update`): a random
+    drafter is (almost) never accepted, and the warm-started one, swapped back, drafts as before."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codraft.engine import Sampling
+    from codraft.engines import make_engine
+    from codraft.task import make_task
+    from codraft.warmstart import initial_drafter
+
+    cfg = dataclasses.replace(tiny_cfg, drafter=dataclasses.replace(tiny_cfg.drafter, kind="eagle3", num_speculative_tokens=3, warmup_steps=60, batch_size=16))
+    tok = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+    train, held = make_task(cfg.task, cfg.task.seed).splits()
+    encode = lambda rows: [tok(p, add_special_tokens=False).input_ids for p in rows["prompt"]]  # noqa: E731
+    drafter, path = initial_drafter(cfg, policy, encode(train), tiny_policy_dir, tok.eos_token_id, tok.pad_token_id, log=lambda *a: None)
+    eng = make_engine(cfg, tiny_policy_dir, drafter, path)
+    try:
+        accept = lambda: eng.generate(encode(held)[:8], n=4, sampling=Sampling(1.0, 1.0, 40), seed=5).acceptance  # noqa: E731
+        before, serving = accept(), drafter.serving_weights()
+        torch.manual_seed(0)
+        eng.load_drafter_weights({n: (torch.randn_like(t.float()) * 0.02).to(t.dtype) if t.is_floating_point() else t for n, t in serving.items()})
+        swapped = accept()
+        eng.load_drafter_weights(serving)
+        restored = accept()
+    finally:
+        eng.close()
+    assert swapped.accept_len < 1.1 < before.accept_len
+    assert (restored.drafts, restored.accepted) == (before.drafts, before.accepted)
 
 
 def test_two_step_grpo_run_writes_outputs(tiny_cfg, tmp_path):
