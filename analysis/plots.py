@@ -316,10 +316,13 @@ def load_bench(source: Path | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(source)
 
 
-def plot_rollout_bench(bench: Path | list[dict[str, Any]], path: Path) -> Path:
+def plot_rollout_bench(bench: Path | list[dict[str, Any]] | dict[str, Any], path: Path) -> Path:
     """(e) Measured speedup over plain decoding vs running batch size, one panel per target and one
-    line per (drafter kind, k); kind `none` (k = 0) is the baseline at 1.0."""
-    targets = load_bench(bench)
+    line per (drafter kind, k); kind `none` (k = 0) is the baseline at 1.0. The title names the
+    machine when the file records it (`{"hardware": ..., "targets": [...]}`; older files are a bare list)."""
+    data = bench if isinstance(bench, dict) else load_bench(bench)
+    hardware = data.get("hardware") if isinstance(data, dict) else None
+    targets = list(data.get("targets", [])) if isinstance(data, dict) else data
     fig = _figure(6 * max(1, len(targets)), 5)
     axes = fig.subplots(1, max(1, len(targets)), sharey=True, squeeze=False)[0]
     if not targets:
@@ -352,5 +355,7 @@ def plot_rollout_bench(bench: Path | list[dict[str, Any]], path: Path) -> Path:
             ax.text(0.5, 0.5, "no speculative cells", ha="center", transform=ax.transAxes)
     axes[0].set_ylabel("speedup over plain decoding (tokens/s ratio)")
     axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    fig.suptitle("Rollout speedup vs running batch size, by drafter kind and k")
+    from codraft.hardware import label
+
+    fig.suptitle("Rollout speedup vs running batch size, by drafter kind and k" + (f"\n{label(hardware)}" if hardware else ""))
     return _save(fig, path)

@@ -6,6 +6,7 @@ and the HTML report, all on synthetic run directories (nothing is trained or ser
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -597,3 +598,158 @@ def test_bench_refit_recovers_the_speedups_of_a_known_cost_model(tmp_path, capsy
     table = capsys.readouterr().out
     assert "0.97x" in table and "0.90-1.05" in table  # paired median and range
     assert "0.50x" in table and "0.80x" in table  # older rows: ratio of the medians
+
+
+# ---------------------------------------------------------------------------------- rollout benchmark: paired timing, hardware, vanilla
+
+AVX2 = {"cpu": "AMD EPYC", "cores": 2, "isa": ["avx2"], "accelerator": None, "torch": "2.13.0+cpu", "vllm": "0.32.0",
+        "engine_mode": "compiled", "openmp": "intel (libiomp5)"}
+
+
+def test_paired_ratio_median_range_and_spread_of_known_numbers():
+    from analysis.bench_cells import paired_ratio, spread
+
+    # repeat r: plain emits 100 tokens in a_s[r] seconds, speculative 120 tokens in b_s[r]
+    ratio = paired_ratio([1.0, 2.0, 1.0, 1.25], [100] * 4, [1.0, 2.0, 1.2, 1.0], [120] * 4)
+    assert ratio.ratios == pytest.approx((1.2, 1.2, 1.0, 1.5))
+    assert (ratio.median, ratio.low, ratio.high) == pytest.approx((1.2, 1.0, 1.5))
+    assert ratio.spread == pytest.approx(0.5 / 1.2)  # range / median
+    # a load swing that slows both engines of a repeat alike leaves the paired ratio alone
+    steady = paired_ratio([1.0, 3.0, 1.5], [100] * 3, [0.8, 2.4, 1.2], [100] * 3)
+    assert steady.median == pytest.approx(1.25) and steady.spread == pytest.approx(0.0)
+    assert spread([2.0, 2.2, 1.8]) == pytest.approx(0.2) and math.isnan(spread([1.0]))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeEngine:
+    """Emits max_new_tokens per sequence in `seconds_per_token` each (on a fake clock) and logs its calls."""
+
+    def __init__(self, name, clock, seconds_per_token, log):
+        self.name, self.clock, self.rate, self.log = name, clock, seconds_per_token, log
+
+    def generate(self, prompts, n, sampling, seed):
+        from codraft.acceptance import AcceptanceStats
+        from codraft.engine import Completion, Generation
+
+        tokens = len(prompts) * n * sampling.max_new_tokens
+        self.clock.now += tokens * self.rate
+        self.log.append((self.name, seed))
+        return Generation([Completion(i, [1] * sampling.max_new_tokens, [], False) for i in range(len(prompts) * n)],
+                          AcceptanceStats(drafts=10, draft_tokens=30, accepted=12, accepted_per_pos=(6, 4, 2)) if self.name == "spec" else None)
+
+
+def test_time_pair_alternates_and_sizes_calls_to_the_minimum_time(monkeypatch):
+    from analysis import bench_cells
+    from analysis.bench_rollout import spec_cell
+    from codraft.engine import Sampling
+
+    clock, log = FakeClock(), []
+    monkeypatch.setattr(bench_cells, "perf_counter", clock)
+    plain, spec = FakeEngine("plain", clock, 0.01, log), FakeEngine("spec", clock, 0.008, log)
+    timing = bench_cells.time_pair(plain, spec, [[1]] * 4, Sampling(1.0, 1.0, 10), repeats=3, min_seconds=1.0, seed=5)
+    assert timing.calls == 3  # a plain call takes 0.4 s: three reach a second
+    assert log[:3] == [("plain", 4), ("spec", 4), ("plain", 3)]  # untimed warm-ups, then the probe
+    order = [name for name, _ in log[3:]]
+    assert order == ["plain"] * 3 + ["spec"] * 3 + ["spec"] * 3 + ["plain"] * 3 + ["plain"] * 3 + ["spec"] * 3  # ABBA
+    assert [s for name, s in log[3:9]] == [5, 6, 7, 5, 6, 7]  # both engines get the same seeds in a repeat
+    assert timing.a.seconds == pytest.approx([1.2] * 3) and timing.a.tokens == [120] * 3
+    assert timing.ratio.median == pytest.approx(1.25) and timing.ratio.spread == pytest.approx(0.0)
+    assert timing.b.acceptance.drafts == 90  # 3 repeats x 3 calls, summed
+    cell = spec_cell("t", "eagle3", 3, 4, timing)
+    assert (cell.seconds, cell.tokens, cell.plain_seconds, cell.calls, cell.repeats) == pytest.approx((0.32, 40, 0.4, 3, 3))
+    assert cell.accept_len == pytest.approx(2.2) and (cell.speedup_low, cell.speedup_high) == pytest.approx((1.25, 1.25))
+    # c = (T_spec - T_plain) / (k T_plain): a plain call is 10 steps of 0.04 s; a speculative call, 10 drafts
+    # over 4 sequences, is 2.5 verify steps of 0.128 s
+    assert cell.c_ratio == pytest.approx((0.128 - 0.04) / (3 * 0.04))
+
+
+def test_benchmark_json_and_tables_name_the_hardware(tmp_path, capsys):
+    from analysis.bench_cells import Cell, TargetResult, load_hardware, load_results, write_results
+    from analysis.bench_rollout import main, plain_cells, print_tables
+    from codraft.hardware import label
+
+    cells = [Cell("t", "none", 0, b, 0.5, 48.0 * b) for b in (1, 16)]
+    cells += [Cell("t", "eagle3", 1, b, 0.6, 48.0 * b, 1.8, 0.9, 0.83, speedup_low=0.8, speedup_high=0.86, spread=0.072) for b in (1, 16)]
+    path = tmp_path / "bench.json"
+    write_results(path, [TargetResult("t", 5_000_000, cells)], AVX2)
+    data = json.loads(path.read_text())
+    assert set(data) == {"hardware", "targets"} and data["hardware"] == AVX2
+    assert set(AVX2) <= set(data["hardware"]) and load_hardware(path) == AVX2
+    (back,) = load_results(path)
+    assert back.cells[2].spread == pytest.approx(0.072)
+    print_tables([back], AVX2)
+    out = capsys.readouterr().out
+    assert label(AVX2) in out and "AVX2 only" in out and "0.80-0.86" in out and "7%" in out
+    assert "under 10%: 2/2 cells" in out
+    older = tmp_path / "older.json"  # a bare list of targets, as written before the hardware block
+    older.write_text(json.dumps(data["targets"]))
+    assert load_hardware(older) is None and len(load_results(older)[0].cells) == 4
+    assert main(["--refit", str(older)]) == 0 and "hardware not recorded" in capsys.readouterr().out
+    assert_png(plots.plot_rollout_bench(path, tmp_path / "hw.png"))
+    assert_png(plots.plot_rollout_bench(data, tmp_path / "hw2.png"))
+    assert plain_cells("t", {}) == []
+
+
+def test_bench_forecasts_cells_from_a_profile_of_a_known_cost_model(tmp_path, capsys):
+    """Profile timings and cells from one known cost model: the profiled forecast hits every cell, and
+    the forecast errors are summarised per CPU type across files."""
+    from analysis.bench_cells import Cell, TargetResult, predict_cells, prediction_errors, write_results
+    from analysis.bench_rollout import main
+    from codraft.costmodel import CostModel, StepCosts, tokens_per_verify
+    from codraft.costprofile import ProfileSettings, Timing
+
+    true = CostModel()
+    true.costs = StepCosts(t0=4e-3, t1=3e-4, d0=2e-3, d1=5e-5, s0=3e-3, s1=1e-4)
+    alpha, settings = 0.6, ProfileSettings()
+    timings = [Timing(b, k, (40,) * b, true.predict_gen_s([40] * b, alpha if k else math.nan, k), tokens_per_verify(alpha, k) if k else math.nan)
+               for b in settings.batches for k in (0, *settings.ks)]
+    cells = []
+    for b in (1, 4, 16, 64):
+        plain = true.predict_gen_s([48] * b, math.nan, 0)
+        cells.append(Cell("t", "none", 0, b, plain, 48.0 * b))
+        for k in (1, 2, 3):
+            secs = true.predict_gen_s([48] * b, alpha, k)
+            cells.append(Cell("t", "eagle3", k, b, secs, 48.0 * b, tokens_per_verify(alpha, k), speedup=plain / secs))
+    result = TargetResult("t", 1, cells, profiles={"eagle3": {"timings": [dataclasses.asdict(t) for t in timings]}})
+    predict_cells(result)
+    for c in (c for c in result.cells if c.k):
+        assert c.profiled == pytest.approx(c.speedup, rel=0.03), (c.k, c.batch)  # b = 64 lies beyond the profile's batches
+        assert c.profiled_loo == pytest.approx(c.speedup, rel=0.03), (c.k, c.batch)
+    assert max(prediction_errors(result.cells, "profiled")) < 0.03
+    assert set(result.profiles["eagle3"]["costs"]) == {"t0", "t1", "d0", "d1", "s0", "s1"}
+    write_results(tmp_path / "a.json", [result], AVX2)
+    write_results(tmp_path / "b.json", [result], {**AVX2, "cpu": "Intel Xeon", "isa": ["amx_bf16", "avx2", "avx512f"]})
+    assert main(["--refit", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "by CPU type" in out and "avx2" in out and "amx-bf16" in out and "12/12" in out
+    assert "the engine-start profile alone: 12 cells" in out
+
+
+def test_vanilla_comparison_table_from_synthetic_numbers(capsys):
+    from analysis.bench_cells import PairTiming, Side, TargetResult
+    from analysis.bench_vanilla import print_vanilla, vanilla_cell
+    from codraft.acceptance import AcceptanceStats
+
+    # vanilla (a) against codraft (b): 100 tokens per repeat; codraft 2% slower, then 10% slower
+    close = PairTiming(Side([1.0, 1.1, 0.9], [100] * 3), Side([1.02, 1.122, 0.918], [100] * 3, AcceptanceStats(10, 30, 15)), calls=2)
+    slow = PairTiming(Side([1.0, 1.0, 1.0], [100] * 3), Side([1.1, 1.12, 1.08], [100] * 3), calls=1)
+    a = vanilla_cell("t", "eagle3", 3, 16, close, 2.5)
+    b = vanilla_cell("t", "none", 0, 0, slow, math.nan)
+    assert a.ratio == pytest.approx(1 / 1.02) and a.spread == pytest.approx(0.0, abs=1e-9) and a.accept_codraft == pytest.approx(2.5)
+    assert a.vanilla_tps == pytest.approx(100.0) and a.codraft_tps == pytest.approx(100 / 1.02)
+    assert b.ratio == pytest.approx(1 / 1.1) and (b.low, b.high) == pytest.approx((1 / 1.12, 1 / 1.08))
+    res = TargetResult("t", 1, vanilla=[dataclasses.asdict(a), dataclasses.asdict(b)],
+                       grpo={"vanilla_pairs": [{"kind": "eagle3", "k": 3, "hooks": {"apply_rejection_fix": True}, "rejection_fix_in_place_ms": 0.05,
+                                                "get_metrics_ms": 0.4}]})
+    print_vanilla([res], AVX2)
+    out = capsys.readouterr().out
+    assert "AVX2 only" in out and "0.980" in out and "0.909" in out and "GRPO" in out
+    assert out.count("MISSED") == 1 and "within 5% of vanilla: 1/2 cells" in out
+    assert "0.40 ms (counters)" in out
