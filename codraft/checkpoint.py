@@ -1,16 +1,24 @@
 """Checkpoint and resume of a mapping of named stateful components.
 
     components = {"trainer": trainer, "rng": RNGState(), "controller": controller}
-    save(run_dir, step, components)          # each component's state_dict() -> checkpoints/step-<step>/<name>.pt
-    next_step = load(run_dir, components)    # each component.load_state_dict(...); 0 without a checkpoint
+    save(run_dir, step, components, dist)    # each component's state_dict() -> checkpoints/step-<step>/<name>.pt
+    next_step = load(run_dir, components, dist)  # each component.load_state_dict(...); 0 without a checkpoint
 
 Layout: `RUN_DIR/checkpoints/step-000007/` holds `state.json` (the completed step, the format
-version, the component names) and one `<name>.pt` per component whose state is not empty;
-`RUN_DIR/checkpoints/latest` names the newest complete one. A checkpoint is written under a
-temporary name, fsynced and renamed into place; only then is `latest` replaced (an atomic rename
-of a one-line file), and only then are versions older than the last `keep` removed. At every
-instant `latest` names a complete checkpoint, so a kill at any point resumes from the previous or
-the new one, never from a half-written one.
+version, the component names, the world size, the sharded components) and one `<name>.pt` per
+component whose state is not empty; `RUN_DIR/checkpoints/latest` names the newest complete one. A
+checkpoint is written under a temporary name, fsynced and renamed into place; only then is `latest`
+replaced (an atomic rename of a one-line file), and only then are versions older than the last
+`keep` removed. At every instant `latest` names a complete checkpoint, so a kill at any point
+resumes from the previous or the new one, never from a half-written one.
+
+Sharded state (`ShardedStateful`: the FSDP2 policy and its AdamW state) is split over the ranks of a
+torchrun job: every rank writes its own shard with `torch.distributed.checkpoint` into
+`<name>_dcp/` of the same temporary directory, the ranks meet at a barrier once every shard is
+written, and only then does rank 0 write the other components and publish. Rank 0 writes the rest
+in every case (under DDP every rank holds the whole state). A sharded checkpoint resumes on the
+same number of ranks only (refused otherwise, naming both sizes); the ranks must share the file
+system the run directory is on.
 
 The run decides what its components are: in a GRPO run, the trainer (policy weights and AdamW
 state), the process RNG states, and the drafter controller (serving drafter, refresh-policy state,
@@ -31,10 +39,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 
+from codraft.config import ConfigError
+from codraft.distributed import DistState, barrier, broadcast_object
 from codraft.io import atomic_write_text, fsync_tree, jsonl_line, read_jsonl
 
 CHECKPOINT_VERSION = 3
@@ -44,6 +54,17 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class ShardedStateful(Protocol):
+    """A component part of whose state is split over ranks. `sharded_state_dict()` is this rank's
+    part (tensors `torch.distributed.checkpoint` saves, and loads in place), {} when nothing is
+    sharded; its `state_dict()` holds the rest, which rank 0 saves."""
+
+    def sharded_state_dict(self) -> dict[str, Any]: ...
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class RNGState:
@@ -72,32 +93,64 @@ def latest_dir(run_dir: Path) -> Path | None:
     return path
 
 
-def save(run_dir: Path, step: int, components: Mapping[str, Stateful], keep: int = 2) -> Path:
-    """Write every component's state after `step` completed (call on the rank that writes); keeps the
-    newest `keep` checkpoints. Returns the checkpoint's directory."""
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+def sharded_states(components: Mapping[str, Stateful]) -> dict[str, dict[str, Any]]:
+    """This rank's part of every sharded component, by name (components with nothing sharded left out)."""
+    states = {name: c.sharded_state_dict() for name, c in components.items() if isinstance(c, ShardedStateful)}
+    return {name: state for name, state in states.items() if state}
+
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+def save(run_dir: Path, step: int, components: Mapping[str, Stateful], keep: int = 2, dist: DistState = DistState()) -> Path | None:
+    """Write every component's state after `step` completed; keeps the newest `keep` checkpoints.
+
+    Under torchrun every rank calls it: each writes its shard of the sharded components, then rank 0
+    writes the rest and publishes. Returns the checkpoint's directory on rank 0, None on the others."""
+    shards = sharded_states(components)
+    if not dist.is_main and not shards:  # nothing of this rank's own to write
+        return None
+    root, name, tmp = checkpoints_dir(run_dir), f"step-{step:06d}", None
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    if shards:  # every rank writes into rank 0's temporary directory
+        tmp = Path(broadcast_object(str(tmp) if dist.is_main else None, dist))
     try:
-        names = []
-        for key, component in components.items():
-            state = component.state_dict()
-            if state:
-                torch.save(state, tmp / f"{key}.pt")
-                names.append(key)
-        (tmp / "state.json").write_text(json.dumps({"version": CHECKPOINT_VERSION, "step": step, "components": names, "saved_at": time.time()}))
+        for key, state in shards.items():
+            _dcp().save(state, checkpoint_id=tmp / f"{key}_dcp")
+        if shards:
+            barrier(dist)  # every rank's shard is on disk before rank 0 publishes
+        if not dist.is_main:
+            return None
+        _write_components(tmp, step, components, sorted(shards), dist.world_size)
         fsync_tree(tmp)
         final = root / name
         if final.exists():  # the same step saved again (a resumed run): replace the older copy
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / "latest", name + "\n")
     prune(root, keep, name)
     return final
+
+
+def _write_components(tmp: Path, step: int, components: Mapping[str, Stateful], sharded: list[str], world_size: int) -> None:
+    """Every component's non-empty `state_dict()` as `<name>.pt`, then `state.json` (written last)."""
+    names = []
+    for key, component in components.items():
+        state = component.state_dict()
+        if state:
+            torch.save(state, tmp / f"{key}.pt")
+            names.append(key)
+    meta = {"version": CHECKPOINT_VERSION, "step": step, "components": names, "sharded": sharded, "world_size": world_size, "saved_at": time.time()}
+    (tmp / "state.json").write_text(json.dumps(meta))
 
 
 def prune(root: Path, keep: int, newest: str) -> None:
@@ -116,15 +169,44 @@ def last_step(run_dir: Path) -> int:
     return -1 if path is None else int(json.loads((path / "state.json").read_text())["step"])
 
 
-def load(run_dir: Path, components: Mapping[str, Stateful]) -> int:
-    """Restore every saved component's state; returns the step to continue from (0 without a checkpoint)."""
+def check_world_size(run_dir: Path, world_size: int, sharded: bool) -> None:
+    """The latest checkpoint fits a job of `world_size` ranks that shards its policy (`sharded`) or not.
+
+    Sharded state resumes on as many ranks as wrote it (it is not resharded), and a sharding job
+    resumes only from sharded state. Unsharded checkpoints (one process, DDP) fit any job that does not shard."""
+    path = latest_dir(run_dir)
+    if path is None:
+        return
+    meta = json.loads((path / "state.json").read_text())
+    saved, was_sharded = int(meta.get("world_size", 1)), bool(meta.get("sharded"))
+    if not (sharded or was_sharded):
+        return
+    how = "with the policy sharded over its ranks (dist.strategy='fsdp')" if was_sharded else "without sharding"
+    if saved != world_size:
+        raise ConfigError(
+            f"--resume {run_dir}: checkpoint {path.name} was written by {saved} rank(s) {how}, and this job has {world_size}; "
+            f"resume it with {saved} rank(s) (torchrun --nproc-per-node ...): sharded checkpoints are not resharded"
+        )
+    if sharded != was_sharded:
+        raise ConfigError(f"--resume {run_dir}: checkpoint {path.name} was written {how}, and this job {'shards' if sharded else 'does not shard'} the policy; resume it with the dist.strategy that wrote it")
+
+
+def load(run_dir: Path, components: Mapping[str, Stateful], dist: DistState = DistState()) -> int:
+    """Restore every saved component's state; returns the step to continue from (0 without a checkpoint).
+
+    Under torchrun every rank calls it (each reads its shard of the sharded components)."""
     path = latest_dir(run_dir)
     if path is None:
         return 0
     meta = json.loads((path / "state.json").read_text())
     if meta.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"--resume {run_dir}: checkpoint format {meta.get('version')} is not this codraft's ({CHECKPOINT_VERSION}); resume it with the codraft that wrote it")
+    shards = sharded_states(components)  # templates, filled in place
+    check_world_size(run_dir, dist.world_size, bool(shards))
     for name, component in components.items():
+        if name in shards:
+            _dcp().load(shards[name], checkpoint_id=path / f"{name}_dcp")
+            component.load_sharded_state_dict(shards[name])
         file = path / f"{name}.pt"
         if file.is_file():
             component.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))

@@ -36,6 +36,10 @@ FSDP2 with a gradient divide factor of 1) instead of averaging them. Clipping th
 gradient, non-finite steps are skipped on every rank alike, and the diagnostics are summed over
 ranks before they are divided by the global token count.
 
+Checkpoints: under DDP every rank holds the whole state and rank 0 saves it; under FSDP2 the
+trainer's `sharded_state_dict` (its shards of the policy and of the AdamW state) is saved and loaded
+by every rank through torch.distributed.checkpoint, next to what rank 0 saves (codraft.checkpoint).
+
 Tested here: CPU, gloo, 2 processes, DDP and FSDP2 against a single-process update. Not tested:
 GPUs, NCCL, several nodes, vLLM tensor parallelism next to training ranks.
 """
@@ -264,6 +268,38 @@ class DistributedTrainer(GRPOTrainer):
         super().__init__(policy, cfg, temperature, reference, seed)
         self.state = state
         self.ddp = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
+
+    # ---- checkpoints: under FSDP2 every rank saves and loads its own shard (codraft.checkpoint)
+    @property
+    def sharded(self) -> bool:
+        """True when the policy is FSDP2-sharded over the ranks (its parameters are DTensor shards)."""
+        return self.state.distributed and is_fsdp(unwrap(self.policy))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What rank 0 saves: everything under DDP; under FSDP2 the learning-rate schedule only (the
+        policy and its AdamW state are in `sharded_state_dict`)."""
+        return {"lr_schedule": self.lr_schedule.state_dict()} if self.sharded else super().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.sharded:
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        else:
+            super().load_state_dict(state)
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's shards of the FSDP2 policy and its AdamW state (DTensors under parameter names,
+        for torch.distributed.checkpoint), {} when the policy is not sharded."""
+        if not self.sharded:
+            return {}
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        policy, optimizer = get_state_dict(self.policy, self.optimizer)
+        return {"policy": policy, "optimizer": optimizer}
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.policy, self.optimizer, model_state_dict=state["policy"], optim_state_dict=state["optimizer"])
 
     # ---- hooks (what a single-process GRPOTrainer does with all rows and no communication)
     def _plan(self, batch: TokenBatch, rows: list[int] | None = None) -> list[list[int]]:

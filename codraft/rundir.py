@@ -47,11 +47,6 @@ def check_context_length(cfg: Config, path: Path) -> None:
         raise ConfigError(f"config key 'model.max_len' is {cfg.model.max_len}, more than the {limit} positions of the checkpoint at {path}")
 
 
-def check_distributed(cfg: Config, distributed: bool) -> None:
-    if distributed and cfg.dist.strategy == "fsdp" and cfg.output.checkpoint_every:
-        raise ConfigError("output.checkpoint_every: checkpoints of FSDP-sharded runs are not implemented; set output.checkpoint_every=0 or dist.strategy='ddp'")
-
-
 def prepare_new(run_dir: Path) -> None:
     """A new run's directory: created if missing, refused if it holds a run or cannot be written."""
     if (run_dir / "config.toml").exists() or (run_dir / "metrics.jsonl").exists():
@@ -68,8 +63,9 @@ def prepare_new(run_dir: Path) -> None:
         raise PermissionError(f"output directory {run_dir} is not writable: {err.strerror}") from None
 
 
-def check_resumable(run_dir: Path, steps: int) -> None:
-    """A directory to resume: it holds a run that has steps left."""
+def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
+    """A directory to resume: it holds a run that has steps left, and a checkpoint a job of
+    `world_size` ranks can load (a sharded one needs as many ranks as wrote it)."""
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"--resume {run_dir}: no run there (config.toml missing)")
     if checkpoint.last_step(run_dir) < 0:
@@ -78,5 +74,6 @@ def check_resumable(run_dir: Path, steps: int) -> None:
             f"its first checkpoint (or ran with output.checkpoint_every=0); start it again with another --out"
         )
     if (run_dir / "metrics.jsonl").exists() and any(r.get("final") for r in read_jsonl(run_dir / "metrics.jsonl")):
-        if checkpoint.last_step(run_dir) >= steps - 1:
-            raise FileExistsError(f"--resume {run_dir}: the run already finished all {steps} steps (raise run.steps to continue it)")
+        if checkpoint.last_step(run_dir) >= cfg.run.steps - 1:
+            raise FileExistsError(f"--resume {run_dir}: the run already finished all {cfg.run.steps} steps (raise run.steps to continue it)")
+    checkpoint.check_world_size(run_dir, world_size, sharded=world_size > 1 and cfg.dist.strategy == "fsdp")

@@ -28,7 +28,7 @@ from codraft.io import atomic_write_text
 from codraft.loop import grpo_step
 from codraft.metrics import stage_shares
 from codraft.parts import Parts
-from codraft.rundir import check_distributed, check_resumable, preflight, prepare_new
+from codraft.rundir import check_resumable, preflight, prepare_new
 from codraft.scoring import evaluate
 
 logger = logging.getLogger(__name__)
@@ -46,13 +46,12 @@ class Run:
         dist = init_from_env(cfg.dist)  # one process, or a rank of a torchrun job
         prepare_engine_environment(dist)
         task, splits = preflight(cfg)  # bad input fails here, before any output is touched
-        check_distributed(cfg, dist.distributed)
         if dist.is_main:
-            check_resumable(self.dir, cfg.run.steps) if resume else prepare_new(self.dir)
+            check_resumable(self.dir, cfg, dist.world_size) if resume else prepare_new(self.dir)
         self.parts: Parts = build_parts(cfg, self.dir, task, splits, dist)
         self.start_step = 0
         if resume:
-            self.start_step = checkpoint.load(self.dir, self.parts.stateful())
+            self.start_step = checkpoint.load(self.dir, self.parts.stateful(), dist)
             if dist.is_main and self.start_step > 0:
                 checkpoint.truncate_logs(self.dir, self.start_step - 1)
         self.records: list[dict[str, Any]] = self.parts.outputs.sink.records() if resume and dist.is_main else []
@@ -74,6 +73,7 @@ class Run:
             record = self._step(step)
             if record is not None:
                 self._log(step, record, bar)
+            self._checkpoint(step)
             every = cfg.output.save_policy_every
             if every and (step + 1) % every == 0:
                 self.save_policy()
@@ -103,13 +103,9 @@ class Run:
             ) from err
 
     def _log(self, step: int, record: dict[str, Any], bar) -> None:
-        """Write the step's record, checkpoint when due, and show progress."""
-        cfg = self.cfg
+        """Write the step's record and show progress."""
         self.parts.outputs.write(record)
         self.records.append(record)
-        every = cfg.output.checkpoint_every
-        if every and ((step + 1) % every == 0 or step == cfg.run.steps - 1):
-            checkpoint.save(self.dir, step, self.parts.stateful())
         evals = [r["eval/accuracy"] for r in self.records if "eval/accuracy" in r]
         shares = stage_shares([record])
         bar.set_postfix_str(
@@ -117,6 +113,12 @@ class Run:
             + " ".join(f"{s} {shares[s]:.0%}" for s in ("gen", "logprob", "train") if s in shares)
             + (f" accept {record['spec/accept_len']:.2f}" if "spec/accept_len" in record else "")
         )
+
+    def _checkpoint(self, step: int) -> None:
+        """Checkpoint when due, on every rank: rank 0 writes the state, and under FSDP2 each rank its shard."""
+        every = self.cfg.output.checkpoint_every
+        if every and ((step + 1) % every == 0 or step == self.cfg.run.steps - 1):
+            checkpoint.save(self.dir, step, self.parts.stateful(), dist=self.parts.dist)
 
     def save_policy(self) -> None:
         """`RUN_DIR/policy/`: the current policy (LoRA merged). A collective under FSDP2."""
