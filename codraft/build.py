@@ -4,8 +4,9 @@
 
 Order matters for the process RNG (module initialisation draws from it): the policy (and LoRA
 adapters), the frozen reference, the warm-started drafter, the data-parallel wrapping and the
-trainer, then the engine and the controller. Under torchrun the main rank owns the engine, the
-drafter and the outputs; the other ranks train on its batches.
+trainer, then the engine and the controller. Under torchrun the main rank owns the drafter, the
+controller and the outputs, and an engine; with `rollout.engines` > 1 other ranks own engines too
+(codraft/rollouts.py). Every rank trains on the main rank's batches.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from codraft.configfile import write_config
 from codraft.controller import Controller, NoController
 from codraft.costmodel import parse_k_schedule
 from codraft.distributed import DistState, DistributedTrainer, barrier, wrap_policy
-from codraft.drafter import Drafter, target_parts
+from codraft.drafter import Drafter, load_drafter, target_parts
 from codraft.engines import make_engine
 from codraft.grpo import GRPOTrainer
 from codraft.hardware import describe
@@ -30,6 +31,7 @@ from codraft.metrics import MetricsSink
 from codraft.precision import compute_dtype
 from codraft.parts import Parts, PolicyView, RunOutputs
 from codraft.prompts import Prompts
+from codraft.rollouts import RolloutGroup, owners
 from codraft.scoring import Scorer
 from codraft.task import Task
 from codraft.testbed import policy_source
@@ -77,20 +79,27 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
     policy = apply_lora(policy, cfg.lora)  # LoRA: only adapters train
     config, parts = policy.config, target_parts(policy)
     reference = load_reference(policy_dir, attention, dist.device) if cfg.grpo.kl_coef > 0 else None
-    # the main rank owns the drafter and the engine; the drafter warm-starts on the unwrapped policy
+    # the main rank owns the drafter and the controller; the drafter warm-starts on the unwrapped policy
     serving = _serving_drafter(cfg, policy, prompts, policy_dir, run_dir) if dist.is_main and cfg.drafter.kind != "none" else None
+    engine_ranks = owners(dist.world_size, cfg.rollout.engines)
+    drafter_copy = _drafter_copy(cfg, policy, run_dir, dist, engine_ranks)  # the other engines' drafters, as exported by rank 0
     policy = wrap_policy(policy, dist, cfg.dist.strategy)  # DDP / FSDP2 under torchrun, else as is
     trainer_cls = DistributedTrainer if dist.distributed else GRPOTrainer
     extra = (dist,) if dist.distributed else ()
     trainer = trainer_cls(policy, cfg.grpo, *extra, temperature=cfg.rollout.temperature, reference=reference, seed=cfg.run.seed)
-    view = PolicyView(trainer, dist, config, parts)
+    view = PolicyView(trainer, dist, config, parts, engine_ranks)
     out = Parts(cfg, dist, policy_dir, prompts, Scorer(task, prompts.tokenizer), trainer, view, NoController())
+    k_schedule = parse_k_schedule(cfg.drafter.k_schedule, cfg.drafter.num_speculative_tokens, cfg.rollout.max_num_seqs) if cfg.drafter.kind != "none" else None
+    drafter_dir = run_dir / "drafter"
+    engine = None
+    if dist.rank in engine_ranks:
+        drafter = serving if dist.is_main else drafter_copy
+        engine = make_engine(cfg, policy_dir, drafter, drafter_dir if drafter is not None else None, k_schedule)
+    out.rollouts = RolloutGroup(dist, cfg.rollout.engines, engine)
     if dist.is_main:
-        k_schedule = parse_k_schedule(cfg.drafter.k_schedule, cfg.drafter.num_speculative_tokens, cfg.rollout.max_num_seqs) if serving else None
-        drafter_dir = run_dir / "drafter"
-        out.engine = make_engine(cfg, policy_dir, serving, drafter_dir if serving else None, k_schedule)
-        if serving is not None:
-            out.controller = Controller(cfg, serving, out.engine, view, drafter_dir, k_schedule)
+        out.engine = engine
+        if serving is not None:  # the controller changes rank 0's engine; RolloutGroup replays the changes on the others
+            out.controller = Controller(cfg, serving, out.rollouts.engine, view, drafter_dir, k_schedule)
         write_hardware(cfg, run_dir, dist)
         write_config(cfg, run_dir / "config.toml")  # last: a run that failed to start leaves no config behind
         sink = MetricsSink(run_dir / "metrics.jsonl", tensorboard=cfg.output.tensorboard)
@@ -106,6 +115,16 @@ def write_hardware(cfg: Config, run_dir: Path, dist: DistState) -> None:
         world_size=dist.world_size,
     )
     atomic_write_text(run_dir / "hardware.json", json.dumps(facts, indent=2) + "\n")
+
+
+def _drafter_copy(cfg: Config, policy, run_dir: Path, dist: DistState, engine_ranks: list[int]) -> Drafter | None:
+    """On a rank other than 0 that owns an engine: the initial drafter rank 0 exported to RUN_DIR/drafter."""
+    if len(engine_ranks) == 1 or cfg.drafter.kind == "none":
+        return None
+    barrier(dist)  # rank 0 has exported it
+    if dist.is_main or dist.rank not in engine_ranks:
+        return None
+    return load_drafter(run_dir / "drafter", policy).to(next(policy.parameters()).device).eval()
 
 
 def _serving_drafter(cfg: Config, policy, prompts: Prompts, policy_dir: Path, run_dir: Path) -> Drafter:

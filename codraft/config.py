@@ -131,6 +131,10 @@ class RolloutConfig:
     """GPU backend: vLLM tensor parallelism of the rollout engine."""
     max_num_seqs: int = 256
     """Most sequences the engine runs at once."""
+    engines: int = 1
+    """Rollout engines of a torchrun job, each with its own copy of the drafter: ranks 0, W/E, 2W/E, ...
+    each own one (with `tensor_parallel_size` GPUs from their own node), and a step's prompts are
+    split between them (codraft/rollouts.py). 1: rank 0's engine generates everything."""
     cpu_rejection_fix: bool = True
     """CPU backend: replace vLLM's broken per-token expansion in the rejection sampler (see codraft/vllm_compat.py).
     Turn off only to demonstrate the bug."""
@@ -297,6 +301,7 @@ def validate(cfg: Config) -> None:
         ("rollout.temperature", cfg.rollout.temperature >= 0, "must be >= 0"),
         ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "must be in (0, 1]"),
         ("rollout.max_new_tokens", cfg.rollout.max_new_tokens >= 1, "must be >= 1"),
+        ("rollout.engines", cfg.rollout.engines >= 1, "must be >= 1"),
         ("grpo.lr", cfg.grpo.lr > 0, "must be > 0"),
         ("grpo.clip_low", 0 <= cfg.grpo.clip_low < 1, "must be in [0, 1)"),
         ("grpo.clip_high", cfg.grpo.clip_high >= 0, "must be >= 0"),

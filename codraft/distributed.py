@@ -145,6 +145,15 @@ def broadcast_object(obj: Any, state: DistState, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any, state: DistState, dst: int = 0) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank `dst` (None on the others); [obj] without torchrun."""
+    if not state.distributed:
+        return [obj]
+    box = [None] * state.world_size if state.rank == dst else None
+    dist.gather_object(obj, box, dst=dst)
+    return box
+
+
 def all_reduce_sum(value: torch.Tensor | float, state: DistState) -> torch.Tensor | float:
     """Sum over ranks; a float comes back a float, a tensor a new tensor on its own device."""
     if not state.distributed:
@@ -230,24 +239,33 @@ def wrap_policy(model: torch.nn.Module, state: DistState, strategy: str = "ddp")
     raise ValueError(f"unknown dist.strategy {strategy!r}; expected 'ddp' or 'fsdp'")
 
 
-def full_state_dict(model: torch.nn.Module, state: DistState) -> dict[str, torch.Tensor]:
-    """The full policy weights in Hugging Face names on the main rank ({} on the others).
+def full_state_dict(model: torch.nn.Module, state: DistState, ranks: tuple[int, ...] = (0,)) -> dict[str, torch.Tensor]:
+    """The full policy weights in Hugging Face names on `ranks` ({} on the others).
 
-    A collective under FSDP2 (every rank must call it). A LoRA model's adapters come back merged
-    into the base weights (codraft.lora.merged_state_dict), which is what the engine serves.
+    A collective under FSDP2 (every rank must call it): gathered into the host memory of the ranks
+    that want them (the ranks that own a rollout engine each load them into theirs). A LoRA model's adapters come back merged into the base weights
+    (codraft.lora.merged_state_dict), which is what the engine serves.
     """
     from codraft import lora
 
     local = unwrap(model)
+    wanted = state.rank in ranks or not state.distributed
     if is_fsdp(local) and state.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        weights = get_model_state_dict(local, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    elif state.is_main:
+        if tuple(ranks) == (0,):
+            weights = get_model_state_dict(local, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:  # one tensor gathered at a time, kept in host memory where wanted (GPU memory: one tensor)
+            weights = {}
+            for name, shard in get_model_state_dict(local, options=StateDictOptions(full_state_dict=False)).items():
+                full = shard.full_tensor() if hasattr(shard, "full_tensor") else shard
+                if wanted:
+                    weights[name] = full.detach().cpu()
+    elif wanted:
         weights = local.state_dict()
     else:
         weights = {}
-    if not state.is_main:
+    if not wanted:
         return {}
     return lora.merged_state_dict(local, weights) if lora.is_lora(local) else weights
 

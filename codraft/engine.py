@@ -63,8 +63,10 @@ class RolloutEngine(abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling, seed: int) -> Generation:
-        """Sample `n` completions for each prompt (token ids)."""
+    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling, seed: int, seeds: list[int] | None = None) -> Generation:
+        """Sample `n` completions for each prompt (token ids), request i (prompt-major) with sampling
+        seed `seeds[i]`, by default `request_seeds(seed, len(prompts) * n)` (a slice of a larger
+        batch's seeds gives each request the sample it has in that batch; codraft/rollouts.py)."""
 
     @abc.abstractmethod
     def load_policy_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -73,6 +75,11 @@ class RolloutEngine(abc.ABC):
     def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         """The served policy's log p(token_t | tokens_<t) for t >= 1 (for checks of weight sync)."""
         raise NotImplementedError
+
+    def update_proposer(self, update: dict) -> dict | None:
+        """Hand `update` (plain data) to a proposer that lives inside the engine (a model-free drafter's
+        index, drafters/suffix.py); its reply, or None where the engine has no such proposer."""
+        return None
 
     def close(self) -> None:
         """Release the engine's resources."""

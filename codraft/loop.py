@@ -1,8 +1,9 @@
 """One synchronous GRPO step, read top to bottom: prepare, gen, reward, logprob, train, control.
 
 `codraft.build.build_parts` builds the components once; this file only says what a step does with
-them. Under torchrun every rank runs this same function: the main rank generates, scores and
-broadcasts the batch; every rank trains on it; the main rank controls the drafter and logs.
+them. Under torchrun every rank runs this same function: the engines generate (rank 0's, or one
+per group of ranks, codraft/rollouts.py), the main rank scores and broadcasts the batch, every rank
+trains on it, and the main rank controls the drafter and logs.
 """
 from __future__ import annotations
 
@@ -21,23 +22,23 @@ from codraft.scoring import Scores, evaluate, should_eval
 def grpo_step(step: int, parts: Parts) -> dict[str, Any] | None:
     """The step's metrics record on the main rank, None on the others."""
     cfg, timer, main = parts.cfg, StageTimer(), parts.is_main
-    with timer("prepare"):  # push the latest policy weights into the engine, in place
-        weights = parts.policy.full_weights()  # a collective under FSDP2; {} off the main rank
+    with timer("prepare"):  # push the latest policy weights into every engine, in place
+        parts.rollouts.sync_commands()  # the drafter changes of the last control stage reach every engine
+        weights = parts.policy.full_weights()  # a collective under FSDP2; {} on ranks without an engine
+        parts.rollouts.load_policy_weights(weights)
         if main:
-            parts.engine.load_policy_weights(weights.items())
             parts.controller.on_policy_weights(weights)
     record: dict[str, Any] = {"step": step}
     if main and should_eval(cfg, step):
         record.update(evaluate(parts.engine, parts.scorer, parts.prompts.held_out, cfg))
     if main and step == 0:  # the test prompts, before RL moves the policy (and again after the last step)
         record.update(evaluate(parts.engine, parts.scorer, parts.prompts.test, cfg, split="test"))
-    rows = gen = scores = rollout = None
-
+    scores = rollout = None
+    rows = parts.prompts.for_step(step) if main else None  # [P] rows with token ids
+    with timer("gen"):  # G completions per prompt, speculatively when a drafter serves
+        sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
+        gen = parts.rollouts.generate([p["ids"] for p in rows] if main else None, n=cfg.rollout.group_size, sampling=sampling, seed=seed_for(cfg, step))
     if main:
-        rows = parts.prompts.for_step(step)  # [P] rows with token ids
-        with timer("gen"):  # G completions per prompt, speculatively when a drafter serves
-            sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
-            gen = parts.engine.generate([p["ids"] for p in rows], n=cfg.rollout.group_size, sampling=sampling, seed=seed_for(cfg, step))
         with timer("reward"):  # verifiable rewards, then group-relative advantages
             scores = parts.scorer.score(rows, gen)
             adv = group_advantages(scores.rewards, cfg.rollout.group_size, cfg.grpo.scale_rewards)  # [P*G]

@@ -2,6 +2,7 @@
 
     parts.prompts      training / held-out rows and the rows of each step
     parts.engine       the rollout engine (main rank only; None on the other torchrun ranks)
+    parts.rollouts     every engine of the job (`rollout.engines`: rank 0's, or one per group of ranks)
     parts.scorer       rewards of a generation
     parts.trainer      the GRPO trainer (policy + optimizer)
     parts.policy       the trained policy as the engine and the drafters see it
@@ -28,6 +29,7 @@ from codraft.io import append_jsonl, atomic_dir
 from codraft.lora import is_lora
 from codraft.metrics import MetricsSink
 from codraft.prompts import Prompts
+from codraft.rollouts import RolloutGroup
 from codraft.scoring import Scorer, Scores
 
 
@@ -35,15 +37,16 @@ class PolicyView:
     """The trained policy as the rollout engine and the drafters see it: full Hugging Face-named
     weights (LoRA merged) and the token embedding / output head drafters share."""
 
-    def __init__(self, trainer: GRPOTrainer, dist: DistState, config, parts: TargetParts):
+    def __init__(self, trainer: GRPOTrainer, dist: DistState, config, parts: TargetParts, owners: tuple[int, ...] = (0,)):
         """`parts`: the embedding and head of the policy before any FSDP2 wrapping (kept up to date
-        from the gathered weights under FSDP2, where the live parameters are shards)."""
-        self.trainer, self.dist, self.config, self._parts = trainer, dist, config, parts
+        from the gathered weights under FSDP2, where the live parameters are shards). `owners`: the
+        ranks that own a rollout engine, each of which gets the full weights."""
+        self.trainer, self.dist, self.config, self._parts, self.owners = trainer, dist, config, parts, tuple(owners)
 
     def full_weights(self) -> dict[str, torch.Tensor]:
-        """The full policy on the main rank, {} on the others. A collective under FSDP2: every rank
-        calls it at the same point of a step."""
-        weights = full_state_dict(self.trainer.policy, self.dist)
+        """The full policy on the ranks that own an engine, {} on the others. A collective under
+        FSDP2: every rank calls it at the same point of a step."""
+        weights = full_state_dict(self.trainer.policy, self.dist, self.owners)
         if weights and is_fsdp(unwrap(self.trainer.policy)):  # sharded model: keep gathered copies for the drafters
             embed = weights["model.embed_tokens.weight"]
             self._parts = TargetParts(embed, weights.get("lm_head.weight", embed))
@@ -95,6 +98,7 @@ class Parts:
     policy: PolicyView
     controller: Controller | NoController
     engine: RolloutEngine | None = None
+    rollouts: RolloutGroup | None = None
     outputs: RunOutputs | None = None
 
     @property
@@ -113,5 +117,7 @@ class Parts:
 
     def close(self) -> None:
         self.controller.close()
-        if self.engine is not None:
+        if self.rollouts is not None:
+            self.rollouts.close()
+        elif self.engine is not None:
             self.engine.close()

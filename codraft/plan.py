@@ -167,12 +167,27 @@ class Plan:
 def roles_of(cfg: Config) -> list[Role]:
     world, tp = cfg.dist.nodes * cfg.dist.gpus_per_node, cfg.rollout.tensor_parallel_size
     engine = cfg.rollout.backend == "vllm"
+    everywhere = engine and cfg.rollout.engines * tp >= world  # every GPU hosts a worker of some engine
     roles = [Role("rank 0", engine, True, True)]
     if engine and tp > 1:
         roles.append(Role("node-0 GPU" if world > 1 else "engine-only GPU", True, world > 1, False))
     if world > max(tp if engine else 1, 1):
-        roles.append(Role("other GPU" if cfg.dist.nodes == 1 else "other-node GPU", False, True, False))
+        roles.append(Role("other GPU" if cfg.dist.nodes == 1 else "other-node GPU", everywhere, True, False))
     return roles
+
+
+def engine_layout_problems(cfg: Config) -> list[str]:
+    """What keeps the rollout engines from fitting the job: more tensor-parallel GPUs than a node, or
+    engines that do not divide the ranks or would share GPUs."""
+    world, tp, engines = cfg.dist.nodes * cfg.dist.gpus_per_node, cfg.rollout.tensor_parallel_size, cfg.rollout.engines
+    if cfg.rollout.backend != "vllm":
+        return []
+    out = []
+    if tp > cfg.dist.gpus_per_node:
+        out.append(f"rollout engine: rollout.tensor_parallel_size {tp} > dist.gpus_per_node {cfg.dist.gpus_per_node} (an engine stays within its node)")
+    if world % engines or engines * tp > world:
+        out.append(f"rollout engines: rollout.engines {engines} x rollout.tensor_parallel_size {tp} GPUs do not fit the job's {world} GPUs as equal groups")
+    return out
 
 
 def policy_rows(cfg: Config, f: ModelFacts, world: int) -> list[tuple[str, str, callable]]:
@@ -240,7 +255,7 @@ def engine_notes(cfg: Config, f: ModelFacts, gpu_bytes: float) -> tuple[list[str
     per_token = 2 * (f.layers + f.drafter_layers) * f.kv_dim * 2 / kv_heads_split
     kv = share - weights - runtime
     need = r.max_num_seqs * cfg.model.max_len
-    notes = [f"rollout engine (per vLLM worker, TP {tp}): share {share / pt.GIB:.1f} GiB = weights {weights / pt.GIB:.1f} (policy + drafter, bf16 / TP)"
+    notes = [f"rollout engines: {r.engines} x TP {tp}; per vLLM worker: share {share / pt.GIB:.1f} GiB = weights {weights / pt.GIB:.1f} (policy + drafter, bf16 / TP)"
              f" + runtime {runtime / pt.GIB:.1f} + KV cache {kv / pt.GIB:.1f} GiB; {per_token / 1024:.0f} KiB/token -> {max(kv, 0) / per_token / 1e6:.2f}M tokens"
              f" (max_num_seqs x max_len = {need / 1e6:.2f}M{'' if kv >= need * per_token else ': vLLM will queue/preempt sequences'})"]
     problems = [] if kv > 0 else [f"rollout engine: weights {weights / pt.GIB:.1f} GiB + runtime {runtime / pt.GIB:.1f} GiB exceed its share "
@@ -261,7 +276,7 @@ def host_rows(cfg: Config, f: ModelFacts, world: int, sparse: bool) -> list[tupl
     buffer = (sparse_b if sparse else dense) if f.drafter else 0
     return [
         ("checkpoint loading: fp32 per rank (at start)", gpn * f.params * 4, gpn * f.params * 4 if cfg.dist.nodes > 1 else 0),
-        ("full state dict for the engine (FSDP2, rank 0)", f.params * 4 if fsdp else 0, 0),
+        ("full state dict for the engines (FSDP2, each engine's rank)", f.params * 4 if fsdp else 0, f.params * 4 if fsdp and cfg.rollout.engines > 1 else 0),
         ("reference engine's policy (rollout.backend = reference)", f.params * 4 if cfg.rollout.backend == "reference" else 0, 0),
         (f"distillation buffer ({'sparse' if sparse else 'dense'} teachers; dense {dense / pt.GIB:.1f} / sparse {sparse_b / pt.GIB:.1f} GiB)", buffer, 0),
     ]
@@ -294,8 +309,7 @@ def estimate(cfg: Config, facts: ModelFacts | None = None) -> Plan:
     notes, plan.problems = engine_notes(cfg, f, gpu_bytes)
     count = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"  # noqa: E731
     plan.notes = notes + [f"model: {count(f.params)} parameters ({f.layers} layers, hidden {f.hidden}, vocabulary {f.vocab}); drafter {cfg.drafter.kind}: {count(f.drafter)}"]
-    if cfg.rollout.backend == "vllm" and cfg.rollout.tensor_parallel_size > cfg.dist.gpus_per_node:
-        plan.problems.append(f"rollout engine: rollout.tensor_parallel_size {cfg.rollout.tensor_parallel_size} > dist.gpus_per_node {cfg.dist.gpus_per_node} (the engine stays on node 0)")
+    plan.problems += engine_layout_problems(cfg)
     plan.problems += overflows(plan)
     plan.title = f"codraft plan: {world} x {spec.name} ({cfg.dist.nodes} node(s) x {cfg.dist.gpus_per_node}), {gpu_bytes / pt.GIB:.1f} GiB each, dist.strategy = {cfg.dist.strategy}"
     return plan

@@ -68,8 +68,8 @@ class ReferenceEngine(RolloutEngine):
         return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids[1:])[:, None]).squeeze(-1).tolist()
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling, seed: int) -> Generation:
-        seeds = request_seeds(seed, len(prompts) * n)
+    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling, seed: int, seeds: list[int] | None = None) -> Generation:
+        seeds = seeds if seeds is not None else request_seeds(seed, len(prompts) * n)
         completions, stats = [], AcceptanceStats.empty(self.k)
         for index, s in enumerate(seeds):
             prompt = prompts[index // n]

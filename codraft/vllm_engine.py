@@ -255,12 +255,12 @@ class VLLMEngine(RolloutEngine):
     def _read_counters(self) -> AcceptanceStats:
         return read_vllm_counters(self.llm.get_metrics()) if self.speculative else AcceptanceStats()
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling, seed: int) -> Generation:
+    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling, seed: int, seeds: list[int] | None = None) -> Generation:
         if self.cpu and self.speculative and self.cpu_fix:
             self._ensure_cpu_fix(required=sampling.temperature > 0)
         from vllm import SamplingParams
 
-        seeds = request_seeds(seed, len(prompts) * n)
+        seeds = seeds if seeds is not None else request_seeds(seed, len(prompts) * n)
         requests, params = [], []
         for i, prompt in enumerate(prompts):
             for j in range(n):
@@ -338,6 +338,13 @@ class VLLMEngine(RolloutEngine):
 
         out = self.llm.generate({"prompt_token_ids": list(token_ids)}, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)[0]
         return [step[tok].logprob for step, tok in zip(out.prompt_logprobs[1:], token_ids[1:])]
+
+    def update_proposer(self, update: dict) -> dict | None:
+        """`update` to the custom-class proposer in every worker (`vllm_compat.update_proposer`); rank 0's reply."""
+        replies = self.llm.collective_rpc(vllm_compat.update_proposer, args=(update,))
+        if not replies or any(r is None for r in replies):
+            raise RuntimeError("the engine's proposer takes no updates (built without a model-free drafter's speculative config?)")
+        return replies[0]
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

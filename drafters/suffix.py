@@ -24,7 +24,7 @@ point mass, so vLLM's rejection sampler keeps the target's distribution exactly.
 
 Refresh: `SuffixDrafter.on_rollouts` adds a step's rollouts to a history of at most
 `history_tokens` completion tokens (oldest dropped first, by one `History` here and in the
-proposer) and pushes them into the live proposer (`codraft.vllm_compat.update_proposer`, plain
+proposer) and pushes them into the live proposer (`engine.update_proposer`, through vLLM's `collective_rpc`; plain
 lists). A push, or the first step of a new `generate`, drops the in-flight sequences: the index is
 history + prompts + this generation's sequences, with exact counts (removal replays addition), so
 a resumed run that pushes its saved history (`load_runtime_state`) drafts as the uninterrupted one.
@@ -38,7 +38,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from codraft import vllm_compat
 from codraft.config import ConfigError
 from codraft.configfile import from_dict, to_dict
 from codraft.drafter import DRAFTERS, Drafter, DrafterMismatch
@@ -378,14 +377,10 @@ class SuffixDrafter(Drafter):
 
 
 def _push(engine, update: dict) -> dict | None:
-    """Hand `update` to the proposer inside `engine`'s workers; None for an engine without vLLM."""
-    llm = getattr(engine, "llm", None)
-    if llm is None:
-        return None
-    replies = llm.collective_rpc(vllm_compat.update_proposer, args=(update,))
-    if not replies or any(r is None for r in replies):
-        raise RuntimeError(f"the engine serves no {PROPOSER} (built without the suffix drafter's speculative config?)")
-    return replies[0]
+    """Hand `update` to the proposer inside `engine`'s workers; None for an engine without one
+    (the reference engine, or none at all)."""
+    push = getattr(engine, "update_proposer", None)
+    return push(update) if push is not None else None
 
 
 def proposer_metrics(stats: dict) -> dict[str, float]:

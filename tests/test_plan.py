@@ -154,3 +154,20 @@ def test_gradient_checkpointing_lets_4096_token_sequences_fit_80gb():
     long = ["model.max_len=4096", "rollout.max_new_tokens=3072", "grpo.micro_batch_tokens=4096"]
     assert overflows(estimate(load_config("qwen3-8b-8gpu", overrides=long)))
     assert not overflows(estimate(load_config("qwen3-8b-8gpu", overrides=long + ["grpo.gradient_checkpointing=true"])))
+
+
+def test_multinode_presets_give_every_node_an_engine_and_the_plan_counts_it():
+    for preset, nodes in (("qwen3-8b-multinode", 4), ("qwen3-8b-gb200-32", 8)):
+        cfg = load_config(preset)
+        assert cfg.rollout.engines == nodes == cfg.dist.nodes
+        plan = estimate(cfg)
+        other = plan.roles[-1]
+        assert other.name == "other-node GPU" and other.engine  # every GPU holds a share of some engine
+        one = estimate(load_config(preset, overrides=["rollout.engines=1"]))
+        assert not one.roles[-1].engine and plan.peak(len(plan.roles) - 1)[0] > one.peak(len(one.roles) - 1)[0]
+        host = {what: (a, b) for what, a, b in plan.host}
+        gathered = next(v for k, v in host.items() if k.startswith("full state dict"))
+        assert gathered[0] == gathered[1] > 0  # each engine's node gathers the full policy for it
+    bad = estimate(load_config("qwen3-8b-multinode", overrides=["rollout.engines=3"]))
+    assert any("rollout.engines 3" in p and "32 GPUs" in p for p in bad.problems), bad.problems
+    assert any("rollout.engines 8" in p for p in estimate(load_config("qwen3-8b-multinode", overrides=["rollout.engines=8"])).problems)

@@ -260,11 +260,14 @@ def test_a_new_generation_starts_from_pushed_rollouts_and_prompts_only():
 
 
 class Engine:
-    """An engine whose worker serves `drafter`: what `engine.llm.collective_rpc(hook, args)` reaches in vLLM."""
+    """An engine whose worker serves `drafter`: `update_proposer` as VLLMEngine's, whose
+    `llm.collective_rpc(vllm_compat.update_proposer, args)` reaches the worker's proposer."""
 
     def __init__(self, drafter):
-        worker = SimpleNamespace(model_runner=SimpleNamespace(drafter=drafter))
-        self.llm = SimpleNamespace(collective_rpc=lambda hook, args=(): [hook(worker, *args)])
+        self.worker = SimpleNamespace(model_runner=SimpleNamespace(drafter=drafter))
+
+    def update_proposer(self, update):
+        return vllm_compat.update_proposer(self.worker, update)
 
 
 def test_a_resumed_drafter_drafts_as_the_uninterrupted_one():

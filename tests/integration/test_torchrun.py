@@ -63,9 +63,10 @@ def test_two_ranks_take_the_same_step_as_one_process(runs, tiny_policy_dir):
     assert moved > 0.5 * LR * STEPS  # the runs trained: the agreement is not that of two untouched copies
 
 
-@pytest.mark.parametrize("controls", [["drafter.k_schedule=auto"], ["controller.policy=adaptive_k"]], ids=["k_schedule_auto", "adaptive_k"])
+@pytest.mark.parametrize("controls", [["drafter.k_schedule=auto"], ["controller.policy=adaptive_k", "rollout.engines=2"]], ids=["k_schedule_auto", "adaptive_k_two_engines"])
 def test_the_vllm_engine_takes_k_schedules_under_torchrun(controls, tiny_overrides, tmp_path):
-    """These crashed: the k schedule was changed in the scheduler of an in-process engine core only."""
+    """These crashed: the k schedule was changed in the scheduler of an in-process engine core only.
+    With two vLLM engines (one per rank), rank 0's schedule changes reach rank 1's engine too."""
     from codraft.costmodel import parse_k_schedule
 
     overrides = tiny_overrides + ["rollout.backend=vllm", "drafter.kind=eagle3", "run.threads=1", "run.eval_every=0", *controls]
@@ -76,3 +77,24 @@ def test_the_vllm_engine_takes_k_schedules_under_torchrun(controls, tiny_overrid
     assert steps[0]["spec/drafts"] > 0  # the warm-started drafter drafts at the built-in k everywhere
     k_max = max(k for _, _, k in parse_k_schedule(steps[0]["spec/k_schedule"], 3, 256))
     assert steps[1]["spec/draft_tokens"] <= k_max * steps[1]["spec/drafts"]  # step 1 drafted by step 0's schedule
+
+
+def test_two_engines_generate_what_one_engine_does(tiny_overrides, tmp_path):
+    """`rollout.engines=2`: ranks 0 and 1 each own an engine and a drafter copy and generate half the
+    prompts with the seeds one engine gives those requests; the drafter swaps of rank 0's controller
+    (every step: `controller.gate=false`) are replayed on rank 1's engine before the next step. So
+    the rollouts, the rewards and the summed acceptance counts are those of one engine, step by step."""
+    overrides = tiny_overrides + [
+        "rollout.backend=reference", "drafter.kind=eagle3", "drafter.num_speculative_tokens=3", "drafter.batch_size=16", "controller.gate=false",
+        "grpo.autocast_bf16=false", "run.threads=1", "run.eval_every=0", "run.steps=3", "output.samples_per_step=16",
+    ]
+    one = codraft_run(tmp_path / "one", overrides, ranks=2)
+    two = codraft_run(tmp_path / "two", overrides + ["rollout.engines=2"], ranks=2)
+    steps = lambda records: [r for r in records if not r.get("final")]  # noqa: E731
+    assert [r["step"] for r in steps(two)] == [0, 1, 2]
+    assert [r.get("controller/decision") for r in steps(one)][:2] == ["swap", "swap"]  # the engines served new drafters
+    for a, b in zip(steps(one), steps(two)):
+        for key in ("spec/drafts", "spec/draft_tokens", "spec/accepted", "gen/tokens", "reward/mean"):
+            assert a[key] == b[key], (a["step"], key)
+    samples = lambda run: [(s["step"], s["completion"]) for s in read_jsonl(tmp_path / run / "samples.jsonl")]  # noqa: E731
+    assert samples("one") == samples("two")
