@@ -41,8 +41,8 @@ class BenchArgs:
 
     targets: tuple[str, ...] = ("testbed", "large")
     """Targets: `testbed` (the preset's policy) and `large` (~4x parameters, built the same way)."""
-    kinds: tuple[str, ...] = ("eagle3", "mtp", "draft_model")
-    """Drafter kinds to time."""
+    kinds: tuple[str, ...] = ("eagle3", "mtp", "draft_model", "suffix")
+    """Drafter kinds to time (`suffix`: its index holds one earlier epoch of the same prompts' rollouts)."""
     ks: tuple[int, ...] = (1, 2, 3, 5)
     """Draft lengths k."""
     batches: tuple[int, ...] = (1, 4, 16, 64)
@@ -130,6 +130,17 @@ def _profile(engine, kcfg, drafter, setup, log) -> dict:
     return {"key": prof.key, "seconds": prof.seconds, "cached": prof.cached, "timings": [dataclasses.asdict(t) for t in prof.timings]}
 
 
+def _earlier_epoch(plain, engine, drafter, setup, batch: int, log) -> None:
+    """A model-free drafter's index (drafters/suffix.py) before timing: one earlier epoch of rollouts of
+    the prompts the cells and the GRPO rows use (the plain engine, other seeds), as a run holds
+    after its first pass over the data; siblings of the same batch join it while it generates."""
+    prompts = setup.prompts[:batch] + setup.grpo_prompts
+    n = setup.cfg.rollout.group_size
+    gen = plain.generate(prompts, n=n, sampling=grpo_sampling(setup.cfg), seed=12345)
+    metrics = drafter.on_rollouts(engine, prompts, [c.token_ids for c in gen.completions], [c.prompt_index for c in gen.completions])
+    log(f"{drafter.name}: index of one earlier epoch, {metrics['drafter/index_rollouts']:.0f} rollouts, {metrics['drafter/index_tokens']:.0f} tokens")
+
+
 def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
     from codraft.vllm_engine import VLLMEngine
 
@@ -145,6 +156,8 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
         spec = drafter.speculative_config(path, max(args.ks))
         spec["num_speculative_tokens_per_batch_size"] = [[1, kcfg.rollout.max_num_seqs, max(args.ks)]]
         engine = VLLMEngine(kcfg, setup.policy_dir, speculative=spec, target_overrides=drafter.target_overrides())
+        if not drafter.learned:
+            _earlier_epoch(plain, engine, drafter, setup, max(args.batches), log)
         if args.profile:
             result.profiles[kind] = _profile(engine, kcfg, drafter, setup, log)
         for k in args.ks:

@@ -20,6 +20,7 @@ from codraft.config import Config
 from codraft.configfile import write_config
 from codraft.controller import Controller, NoController
 from codraft.costmodel import parse_k_schedule
+from codraft.costprofile import calibrated_cost_model
 from codraft.distributed import DistState, DistributedTrainer, barrier, wrap_policy
 from codraft.drafter import Drafter, load_drafter, target_parts
 from codraft.engines import make_engine
@@ -99,7 +100,8 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
     if dist.is_main:
         out.engine = engine
         if serving is not None:  # the controller changes rank 0's engine; RolloutGroup replays the changes on the others
-            out.controller = Controller(cfg, serving, out.rollouts.engine, view, drafter_dir, k_schedule)
+            cost = calibrated_cost_model(engine, cfg, serving, prompts.warm_start(), k_schedule=k_schedule) if cfg.controller.cost_profile else None
+            out.controller = Controller(cfg, serving, out.rollouts.engine, view, drafter_dir, k_schedule, cost=cost)
         write_hardware(cfg, run_dir, dist)
         write_config(cfg, run_dir / "config.toml")  # last: a run that failed to start leaves no config behind
         sink = MetricsSink(run_dir / "metrics.jsonl", tensorboard=cfg.output.tensorboard)

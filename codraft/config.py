@@ -205,6 +205,11 @@ class ControllerConfig:
     """Refresh policy, by registered name (`codraft policies` lists them)."""
     args: dict[str, Any] = field(default_factory=dict)
     """The refresh policy's own config fields (`controller.args.<field>`)."""
+    cost_profile: bool = True
+    """Start the cost model (the `auto` k table, cost-aware refresh policies, predicted generation
+    times) from a short profile of this machine's engine at start (codraft/costprofile.py: plain and
+    speculative batches, about 10 s, cached per hardware, engine, model and drafter). False: the
+    built-in priors, one CPU's figures. Either way it keeps calibrating from the run's own steps."""
     distill_steps: int = 15
     """Distillation steps per refresh, unless the refresh policy sets a budget."""
     distill_tokens: int = 0

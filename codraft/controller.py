@@ -85,7 +85,9 @@ class Controller:
     """Built once per run with what it works on: the serving drafter (already exported at
     `drafter_dir` and served by `engine`), the engine, and a view of the trained policy."""
 
-    def __init__(self, cfg: Config, serving: Drafter, engine: RolloutEngine, policy: TargetView, drafter_dir: Path, k_schedule: list[tuple[int, int, int]]):
+    def __init__(self, cfg: Config, serving: Drafter, engine: RolloutEngine, policy: TargetView, drafter_dir: Path, k_schedule: list[tuple[int, int, int]],
+                 cost: CostModel | None = None):
+        """`cost`: the cost model to start from (codraft.costprofile.calibrated_cost_model); default priors if None."""
         self.cfg = cfg
         self.k = cfg.drafter.num_speculative_tokens
         self.serving = serving.eval()
@@ -95,7 +97,7 @@ class Controller:
         self.data = DistillData(cfg)
         """Distillation examples of recent steps, and this step's held-out gate / report groups."""
         self.log = RefreshLog()
-        self.cost = CostModel()
+        self.cost = cost if cost is not None else CostModel()
         self.k_schedule = [tuple(r) for r in k_schedule]
         self.steps_since_refresh = 0
         self.last_distill_s = math.nan
