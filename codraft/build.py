@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from codraft.config import Config
+from codraft.config import Config, ConfigError
 from codraft.configfile import write_config
 from codraft.controller import Controller, NoController
 from codraft.costmodel import parse_k_schedule
@@ -92,13 +92,9 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
     out = Parts(cfg, dist, policy_dir, prompts, Scorer(task, prompts.tokenizer), trainer, view, NoController())
     k_schedule = parse_k_schedule(cfg.drafter.k_schedule, cfg.drafter.num_speculative_tokens, cfg.rollout.max_num_seqs) if cfg.drafter.kind != "none" else None
     drafter_dir = run_dir / "drafter"
-    engine = None
-    if dist.rank in engine_ranks:
-        drafter = serving if dist.is_main else drafter_copy
-        engine = make_engine(cfg, policy_dir, drafter, drafter_dir if drafter is not None else None, k_schedule)
-    out.rollouts = RolloutGroup(dist, cfg.rollout.engines, engine)
+    out.rollouts = _rollout_group(cfg, dist, engine_ranks, serving if dist.is_main else drafter_copy, policy_dir, drafter_dir, k_schedule)
     if dist.is_main:
-        out.engine = engine
+        out.engine = engine = out.rollouts.local_engine
         if serving is not None:  # the controller changes rank 0's engine; RolloutGroup replays the changes on the others
             cost = calibrated_cost_model(engine, cfg, serving, prompts.warm_start(), k_schedule=k_schedule) if cfg.controller.cost_profile else None
             out.controller = Controller(cfg, serving, out.rollouts.engine, view, drafter_dir, k_schedule, cost=cost)
@@ -119,6 +115,21 @@ def write_hardware(cfg: Config, run_dir: Path, dist: DistState) -> None:
     atomic_write_text(run_dir / "hardware.json", json.dumps(facts, indent=2) + "\n")
 
 
+def _rollout_group(cfg: Config, dist: DistState, engine_ranks: list[int], drafter: Drafter | None, policy_dir: Path, drafter_dir: Path, k_schedule) -> RolloutGroup:
+    """Every engine of the job (rank 0's, or one per group of ranks), all serving rank 0's drafter."""
+    owner = dist.rank in engine_ranks
+    if owner and dist.device.type == "cuda" and dist.local_rank != 0:
+        raise ConfigError(f"config key 'rollout.engines' is {cfg.rollout.engines}: on GPUs an engine takes its node's GPUs from device 0, so only a node's local "
+                          f"rank 0 may own one (one engine per node: rollout.engines = the number of nodes); rank {dist.rank} is local rank {dist.local_rank}")
+    engine = make_engine(cfg, policy_dir, drafter, drafter_dir if drafter is not None else None, k_schedule) if owner else None
+    group = RolloutGroup(dist, cfg.rollout.engines, engine)
+    if len(engine_ranks) > 1:
+        if dist.is_main and drafter is not None and drafter.learned:  # the copies were read from the bf16 export: rank 0's exact weights, replayed
+            group.engine.load_drafter_weights(drafter.serving_weights())
+        barrier(dist)  # every engine is up before rank 0 profiles its own, or a resume rewrites RUN_DIR/drafter
+    return group
+
+
 def _drafter_copy(cfg: Config, policy, run_dir: Path, dist: DistState, engine_ranks: list[int]) -> Drafter | None:
     """On a rank other than 0 that owns an engine: the initial drafter rank 0 exported to RUN_DIR/drafter."""
     if len(engine_ranks) == 1 or cfg.drafter.kind == "none":
@@ -126,7 +137,8 @@ def _drafter_copy(cfg: Config, policy, run_dir: Path, dist: DistState, engine_ra
     barrier(dist)  # rank 0 has exported it
     if dist.is_main or dist.rank not in engine_ranks:
         return None
-    return load_drafter(run_dir / "drafter", policy).to(next(policy.parameters()).device).eval()
+    device = next(policy.parameters()).device if cfg.rollout.backend == "reference" else "cpu"  # vLLM reads only its config
+    return load_drafter(run_dir / "drafter", policy).to(device).eval()
 
 
 def _serving_drafter(cfg: Config, policy, prompts: Prompts, policy_dir: Path, run_dir: Path) -> Drafter:

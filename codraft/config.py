@@ -133,8 +133,10 @@ class RolloutConfig:
     """Most sequences the engine runs at once."""
     engines: int = 1
     """Rollout engines of a torchrun job, each with its own copy of the drafter: ranks 0, W/E, 2W/E, ...
-    each own one (with `tensor_parallel_size` GPUs from their own node), and a step's prompts are
-    split between them (codraft/rollouts.py). 1: rank 0's engine generates everything."""
+    each own one, and a step's prompts are split between them (codraft/rollouts.py). On GPUs one per
+    node (its local rank 0, `tensor_parallel_size` GPUs of that node). The other owners read the
+    policy and RUN_DIR/drafter from the paths rank 0 uses (a shared filesystem). 1: rank 0's engine
+    generates everything."""
     cpu_rejection_fix: bool = True
     """CPU backend: replace vLLM's broken per-token expansion in the rejection sampler (see codraft/vllm_compat.py).
     Turn off only to demonstrate the bug."""

@@ -171,6 +171,8 @@ class Controller:
         acc = gen.acceptance or AcceptanceStats()
         lengths = tuple(len(c.token_ids) for c in gen.completions)
         gen_s = timer.seconds.get("gen", 0.0)
+        if "engine_lengths" in gen.extra:  # several engines (codraft/rollouts.py): the batch and seconds of rank 0's
+            lengths, gen_s = gen.extra["engine_lengths"][0], gen.extra["engine_seconds"][0]
         a_now = live_alpha(acc, tuple(k for _, _, k in self.k_schedule))
         self.live_alpha = a_now
         if acc.drafts:

@@ -167,7 +167,7 @@ class Plan:
 def roles_of(cfg: Config) -> list[Role]:
     world, tp = cfg.dist.nodes * cfg.dist.gpus_per_node, cfg.rollout.tensor_parallel_size
     engine = cfg.rollout.backend == "vllm"
-    everywhere = engine and cfg.rollout.engines * tp >= world  # every GPU hosts a worker of some engine
+    everywhere = engine and cfg.rollout.engines > 1  # one engine per node: every node's GPUs host one
     roles = [Role("rank 0", engine, True, True)]
     if engine and tp > 1:
         roles.append(Role("node-0 GPU" if world > 1 else "engine-only GPU", True, world > 1, False))
@@ -187,6 +187,9 @@ def engine_layout_problems(cfg: Config) -> list[str]:
         out.append(f"rollout engine: rollout.tensor_parallel_size {tp} > dist.gpus_per_node {cfg.dist.gpus_per_node} (an engine stays within its node)")
     if world % engines or engines * tp > world:
         out.append(f"rollout engines: rollout.engines {engines} x rollout.tensor_parallel_size {tp} GPUs do not fit the job's {world} GPUs as equal groups")
+    elif engines not in (1, cfg.dist.nodes):
+        out.append(f"rollout engines: rollout.engines {engines} on {cfg.dist.nodes} node(s); on GPUs an engine is owned by a node's local rank 0 "
+                   f"(its GPUs from device 0): 1 or one per node ({cfg.dist.nodes})")
     return out
 
 

@@ -12,7 +12,8 @@ its slice with the per-request seeds one engine would have used for those reques
 (`request_seeds` of the whole batch, sliced), so the rollouts do not depend on E beyond the
 engine's own numerics. Rank 0 gathers the completions (prompt-major, as one engine returns them),
 sums the acceptance counts of every engine (the controller observes the sums), and keeps each
-owner's generation seconds (`Generation.extra["engine_seconds"]`).
+owner's generation seconds and completion lengths (`Generation.extra`): the controller's cost model
+observes rank 0's engine, the batch one engine runs.
 
 Every weight sync reaches every engine: each owner loads the full policy weights into its own
 engine in the prepare stage. Drafter changes are made by the controller on rank 0, whose engine is
@@ -73,14 +74,29 @@ class CommandLog:
             return attr
 
         def call(*args, **kwargs):
-            self.commands.append((name, args, kwargs))
-            return attr(*args, **kwargs)
+            out = attr(*args, **kwargs)
+            self.commands.append((name, _on_host(args), _on_host(kwargs)))  # applied here: replayed there
+            return out
 
         return call
 
     def take(self) -> list[tuple[str, tuple, dict]]:
         out, self.commands = self.commands, []
         return out
+
+
+def _on_host(value: Any) -> Any:
+    """`value` with every tensor in it copied into host memory (a replay is pickled to every rank, and
+    a CUDA tensor would come back on rank 0's device)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(v) for v in value)
+    return value
 
 
 class RolloutGroup:
@@ -91,6 +107,11 @@ class RolloutGroup:
         """This rank's engine (a `CommandLog` on rank 0 when there are other engines), or None."""
         if dist.is_main and engine is not None and len(self.owners) > 1:
             self.engine = CommandLog(engine)
+
+    @property
+    def local_engine(self) -> RolloutEngine | None:
+        """This rank's engine itself (not the `CommandLog` around rank 0's)."""
+        return self.engine.engine if isinstance(self.engine, CommandLog) else self.engine
 
     @property
     def owns_engine(self) -> bool:
@@ -108,8 +129,8 @@ class RolloutGroup:
         prompts = broadcast_object(prompts, self.dist)
         seeds = request_seeds(seed, len(prompts) * n)
         part = None
-        if self.owns_engine:
-            mine = slices(len(prompts), len(self.owners))[self.owners.index(self.dist.rank)]
+        mine = slices(len(prompts), len(self.owners))[self.owners.index(self.dist.rank)] if self.owns_engine else range(0)
+        if len(mine):
             t0 = time.perf_counter()
             gen = self.engine.generate([prompts[i] for i in mine], n=n, sampling=sampling, seed=seed, seeds=seeds[mine.start * n : mine.stop * n])
             part = (mine.start, gen, time.perf_counter() - t0)
@@ -131,11 +152,14 @@ class RolloutGroup:
 
 
 def merge(parts: list[tuple[int, Generation, float]]) -> Generation:
-    """One generation from the owners' slices: completions in prompt order, counts summed, each owner's seconds."""
+    """One generation from the owners' slices: completions in prompt order, counts summed; each
+    engine's seconds and completion lengths in `extra` (what one engine ran, for the cost model)."""
     completions: list[Completion] = []
     acceptance: AcceptanceStats | None = None
     for start, gen, _ in sorted(parts, key=lambda p: p[0]):
         completions += [Completion(c.prompt_index + start, c.token_ids, c.logprobs, c.finished) for c in gen.completions]
         if gen.acceptance is not None:
             acceptance = gen.acceptance if acceptance is None else acceptance + gen.acceptance
-    return Generation(completions, acceptance, extra={"engine_seconds": [p[2] for p in parts]})
+    parts = sorted(parts, key=lambda p: p[0])
+    lengths = [tuple(len(c.token_ids) for c in gen.completions) for _, gen, _ in parts]
+    return Generation(completions, acceptance, extra={"engine_seconds": [p[2] for p in parts], "engine_lengths": lengths})

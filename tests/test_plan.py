@@ -171,3 +171,5 @@ def test_multinode_presets_give_every_node_an_engine_and_the_plan_counts_it():
     bad = estimate(load_config("qwen3-8b-multinode", overrides=["rollout.engines=3"]))
     assert any("rollout.engines 3" in p and "32 GPUs" in p for p in bad.problems), bad.problems
     assert any("rollout.engines 8" in p for p in estimate(load_config("qwen3-8b-multinode", overrides=["rollout.engines=8"])).problems)
+    two = estimate(load_config("qwen3-8b-multinode", overrides=["rollout.engines=2", "rollout.tensor_parallel_size=4"])).problems
+    assert any("rollout.engines 2 on 4 node(s)" in p and "one per node" in p for p in two), two  # two engines would share node 0's GPUs

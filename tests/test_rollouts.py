@@ -26,6 +26,11 @@ class SeedEcho:
     def load_policy_weights(self, weights):
         self.calls.append(("load_policy_weights", dict(weights)))
 
+    def load_drafter_weights(self, weights):
+        if "bad" in weights:
+            raise RuntimeError("refused")
+        self.calls.append(("load_drafter_weights", weights))
+
 
 def test_owners_are_equal_groups_of_ranks_and_a_bad_count_is_refused():
     assert owners(8, 1) == [0] and owners(8, 2) == [0, 4] and owners(32, 8) == [0, 4, 8, 12, 16, 20, 24, 28]
@@ -76,3 +81,18 @@ def test_one_process_with_one_engine_generates_as_the_engine_does():
     group.sync_commands()  # nothing to replay
     group.load_policy_weights({"w": 2})
     assert engine.calls == [("load_policy_weights", {"w": 2})]
+
+
+def test_replayed_commands_are_host_copies_of_what_succeeded():
+    import torch
+
+    engine = SeedEcho()
+    log = CommandLog(engine)
+    weights = {"w": torch.ones(2)}
+    log.load_drafter_weights(weights)
+    with pytest.raises(RuntimeError, match="refused"):
+        log.load_drafter_weights({"bad": torch.zeros(1)})  # failed here: not replayed on the other engines
+    (name, (sent,), _), = log.take()
+    assert name == "load_drafter_weights" and sent["w"] is not weights["w"] and sent["w"].device.type == "cpu"
+    weights["w"].add_(1)  # the recorded copy is what was loaded, not a view of the trainer's tensor
+    assert torch.equal(sent["w"], torch.ones(2))
