@@ -326,6 +326,8 @@ class VLLMEngine(RolloutEngine):
         vllm_compat.k_table_lookup(table, self.cfg.rollout.max_num_seqs, self.speculative["num_speculative_tokens"])  # refuse a bad table here
         self._k_args = {vllm_compat.K_TABLE_ARG: table}
         self._record("set_k_table", True)  # k_table_scheduler serves every speculative engine (_llm_kwargs)
+        if self.speculative.get("method") == "custom_class":  # vLLM hands such a proposer no k: it keeps its own table
+            self.update_proposer({"k_schedule": table})
         self.k_schedule = [tuple(r) for r in schedule]
         drafting = drafts_anywhere(self.k_schedule)
         if drafting != self.drafting and self._record("set_drafting", self.llm.collective_rpc(vllm_compat.set_drafting, args=(drafting,))):

@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from codraft import vllm_compat
 from codraft.drafter import DRAFTERS
 from codraft.lossless import biased_eagle3, check_lossless
 
@@ -104,12 +103,6 @@ def test_indexed_rollouts_raise_acceptance(served, setup):
         drafter.load_runtime_state({}, eng)  # an empty index again for the tests below
 
 
-def _set_k_schedule(eng, drafter, schedule) -> None:
-    eng.set_k_schedule(schedule)
-    if not drafter.learned:  # vLLM hands a custom-class proposer no k: it keeps its own copy of the table
-        eng.llm.collective_rpc(vllm_compat.update_proposer, args=({"k_schedule": [list(r) for r in schedule]},))
-
-
 def _count_drafter_forwards(worker, reset: bool) -> int:
     if not hasattr(worker.model_runner.drafter, "model"):  # a model-free proposer: count its calls
         return worker.model_runner.drafter.update({"stats": "reset" if reset else True})["stats"]["calls"]
@@ -147,18 +140,18 @@ def test_k_schedule_drafts_only_where_k_is_positive_and_all_zero_turns_the_draft
     prompts, sampling = setup["held"][:8], Sampling(1.0, 1.0, 40)
     try:
         before = eng.generate(prompts, n=4, sampling=sampling, seed=5).acceptance
-        _set_k_schedule(eng, drafter, [(1, 16, K), (17, top, 0)])  # 32 sequences start; only the tail drafts
+        eng.set_k_schedule([(1, 16, K), (17, top, 0)])  # 32 sequences start; only the tail drafts
         tail = eng.generate(prompts, n=4, sampling=sampling, seed=5).acceptance
         assert 0 < tail.drafts < before.drafts and eng.drafting
 
-        _set_k_schedule(eng, drafter, [(1, top, 0)])
+        eng.set_k_schedule([(1, top, 0)])
         assert not eng.drafting and eng.hooks["set_k_table"] and eng.hooks["set_drafting"]
         eng.llm.collective_rpc(_count_drafter_forwards, args=(True,))
         off = eng.generate(prompts, n=4, sampling=sampling, seed=5)
         assert off.acceptance.drafts == 0 and off.num_tokens > 0
         assert eng.llm.collective_rpc(_count_drafter_forwards, args=(False,)) == [0]  # no drafter forward at all
 
-        _set_k_schedule(eng, drafter, full)
+        eng.set_k_schedule(full)
         assert eng.drafting
         again = eng.generate(prompts, n=4, sampling=sampling, seed=5).acceptance
         assert again.drafts > 0 and eng.llm.collective_rpc(_count_drafter_forwards, args=(False,))[0] > 0
@@ -166,7 +159,7 @@ def test_k_schedule_drafts_only_where_k_is_positive_and_all_zero_turns_the_draft
 
         # off, the engine samples as a plain one: the same tokens and log-probs from the same seeds,
         # and its rejection sampler's own path is never taken
-        _set_k_schedule(eng, drafter, [(1, top, 0)])
+        eng.set_k_schedule([(1, top, 0)])
         eng.llm.collective_rpc(_count_rejection_paths, args=(True,))
         mine = eng.generate(setup["held"][:16], n=4, sampling=sampling, seed=11).completions
         theirs = request.getfixturevalue("plain").generate(setup["held"][:16], n=4, sampling=sampling, seed=11).completions
@@ -174,7 +167,7 @@ def test_k_schedule_drafts_only_where_k_is_positive_and_all_zero_turns_the_draft
         assert [c.logprobs for c in mine] == [c.logprobs for c in theirs]
         assert eng.llm.collective_rpc(_count_rejection_paths, args=(False,)) == [0]
     finally:
-        _set_k_schedule(eng, drafter, full)
+        eng.set_k_schedule(full)
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
