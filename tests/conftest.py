@@ -5,6 +5,16 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+STARTUP_ENV = dict(os.environ)
+"""The environment before any engine ran in the test process: vLLM sets variables in the process
+that builds an engine (LD_PRELOAD, LOCAL_WORLD_SIZE, VLLM_DIST_IDENT, ...), and a torchrun job
+launched with them fails to start its engine core."""
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a codraft process a test launches: the test process's own from before any
+    engine, one OpenMP thread (the same arithmetic whatever the core count), and `extra`."""
+    return {**STARTUP_ENV, "OMP_NUM_THREADS": "1", **extra}
 
 # A testbed small enough to build in seconds, still a Qwen3 that vLLM serves on CPU and deep
 # enough (4 layers) for EAGLE-3's three distinct auxiliary layers.

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from codraft.io import read_jsonl
+from conftest import child_env
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ def runs(tiny_overrides, tiny_policy_dir, tmp_path_factory):
     overrides = tiny_overrides + [
         "run.steps=4", "drafter.kind=eagle3", "drafter.warmup_steps=40", "controller.policy=every_n", "controller.distill_steps=5", "output.checkpoint_every=1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     full = subprocess.run(command(overrides, base / "full"), capture_output=True, text=True, timeout=900, env=env)
     assert full.returncode == 0, full.stderr[-3000:]
 
@@ -123,7 +124,7 @@ def fsdp_runs(tiny_overrides, tiny_policy_dir, tmp_path_factory):
     overrides = tiny_overrides + FSDP + [
         "run.steps=4", "drafter.kind=eagle3", "drafter.warmup_steps=40", "controller.policy=every_n", "controller.distill_steps=5", "output.checkpoint_every=1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     full = subprocess.run(command(overrides, base / "full", ranks=2), capture_output=True, text=True, timeout=900, env=env)
     assert full.returncode == 0, full.stderr[-3000:]
     killed = base / "killed"

@@ -29,7 +29,9 @@ HERE = Path(__file__).resolve()
 
 
 def child(*args, **popen):
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "OMP_NUM_THREADS": "1"}
+    from conftest import child_env  # the test process side (tests/ is on its path)
+
+    env = child_env(VLLM_ENABLE_V1_MULTIPROCESSING="1")
     return subprocess.Popen([sys.executable, str(HERE), *args], env=env, text=True, **popen)
 
 

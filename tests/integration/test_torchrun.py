@@ -13,7 +13,6 @@ more than 1e-6 (seen: 6 of 661,632; 16).
 Then the vLLM engine under torchrun (its engine core in child processes) with an EAGLE-3 drafter whose
 k schedule the controller changes every step (`drafter.k_schedule=auto`, then the `adaptive_k`
 policy): both run their steps, log `spec/k_schedule`, and the next step drafts as the schedule says."""
-import os
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from codraft.io import read_jsonl
+from conftest import child_env
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def codraft_run(out, overrides, ranks):
     sets = [a for o in overrides for a in ("--set", o)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
     cmd = launcher + ["-m", "codraft", "run", "--preset", "smoke", *sets, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [r for r in read_jsonl(out / "metrics.jsonl")]
