@@ -58,3 +58,19 @@ def tiny_policy_dir(tiny_cfg):
     from codraft.testbed import policy_source
 
     return policy_source(tiny_cfg, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_cfg, tiny_policy_dir):
+    """The tiny testbed's tokenizer, fp32 policy (eval mode) and the task's training and held-out
+    prompts as token ids, once per test module."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codraft.task import make_task
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+    train, held = make_task(tiny_cfg.task, tiny_cfg.task.seed).splits()
+    enc = lambda rows: [tok(p, add_special_tokens=False).input_ids for p in rows["prompt"]]  # noqa: E731
+    return {"tok": tok, "policy": policy, "train": enc(train), "held": enc(held)}

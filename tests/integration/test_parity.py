@@ -62,16 +62,8 @@ def contexts(prompt: list[int], output: list[int], proposals: list[list[int]]) -
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_cfg, tiny_policy_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from codraft.task import make_task
-
-    tok = AutoTokenizer.from_pretrained(tiny_policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
-    train, held = make_task(tiny_cfg.task, tiny_cfg.task.seed).splits()
-    enc = lambda rows: [tok(p, add_special_tokens=False).input_ids for p in rows["prompt"]]  # noqa: E731
-    return {"tok": tok, "policy": policy, "train": enc(train), "held": enc(held)}
+def setup(tiny_setup):
+    return tiny_setup
 
 
 @pytest.mark.parametrize("kind", learned_kinds())

@@ -6,7 +6,6 @@ planted-bias detector."""
 import dataclasses
 
 import pytest
-import torch
 
 from codraft.drafter import DRAFTERS
 from codraft.lossless import biased_eagle3, check_lossless
@@ -18,16 +17,8 @@ K = 3
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_cfg, tiny_policy_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from codraft.task import make_task
-
-    tok = AutoTokenizer.from_pretrained(tiny_policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
-    train, held = make_task(tiny_cfg.task, tiny_cfg.task.seed).splits()
-    enc = lambda rows: [tok(p, add_special_tokens=False).input_ids for p in rows["prompt"]]  # noqa: E731
-    return {"tok": tok, "policy": policy, "train": enc(train), "held": enc(held)}
+def setup(tiny_setup):
+    return tiny_setup
 
 
 def kind_cfg(tiny_cfg, kind):
