@@ -31,6 +31,7 @@ from pathlib import Path
 
 from analysis.bench_cells import (Cell, TargetResult, calibrate, drafter_for, fit_rows, grpo_sampling, hardware_label, load_hardware, load_results,
                                   predict_cells, prediction_errors, ratio_fields, setup_target, spread, time_pair, write_results)
+from drafters._index_refresh import IndexRefresh
 
 __all__ = ["BenchArgs", "Cell", "TargetResult", "load_results", "main", "predict_cells", "prediction_errors", "print_tables"]
 
@@ -41,8 +42,8 @@ class BenchArgs:
 
     targets: tuple[str, ...] = ("testbed", "large")
     """Targets: `testbed` (the preset's policy) and `large` (~4x parameters, built the same way)."""
-    kinds: tuple[str, ...] = ("eagle3", "mtp", "draft_model", "suffix")
-    """Drafter kinds to time (`suffix`: its index holds one earlier epoch of the same prompts' rollouts)."""
+    kinds: tuple[str, ...] = ("eagle3", "mtp", "draft_model", "suffix", "hybrid")
+    """Drafter kinds to time (`suffix`, `hybrid`: the index holds one earlier epoch of the same prompts' rollouts)."""
     ks: tuple[int, ...] = (1, 2, 3, 5)
     """Draft lengths k."""
     batches: tuple[int, ...] = (1, 4, 16, 64)
@@ -131,7 +132,7 @@ def _profile(engine, kcfg, drafter, setup, log) -> dict:
 
 
 def _earlier_epoch(plain, engine, drafter, setup, batch: int, log) -> None:
-    """A model-free drafter's index (drafters/suffix.py) before timing: one earlier epoch of rollouts of
+    """A suffix index's contents (drafters/suffix.py, drafters/hybrid.py) before timing: one earlier epoch of rollouts of
     the prompts the cells and the GRPO rows use (the plain engine, other seeds), as a run holds
     after its first pass over the data; siblings of the same batch join it while it generates."""
     prompts = setup.prompts[:batch] + setup.grpo_prompts
@@ -156,7 +157,7 @@ def bench_target(name: str, args: BenchArgs, log=print) -> TargetResult:
         spec = drafter.speculative_config(path, max(args.ks))
         spec["num_speculative_tokens_per_batch_size"] = [[1, kcfg.rollout.max_num_seqs, max(args.ks)]]
         engine = VLLMEngine(kcfg, setup.policy_dir, speculative=spec, target_overrides=drafter.target_overrides())
-        if not drafter.learned:
+        if isinstance(drafter, IndexRefresh):  # suffix, hybrid: an index of one earlier epoch
             _earlier_epoch(plain, engine, drafter, setup, max(args.batches), log)
         if args.profile:
             result.profiles[kind] = _profile(engine, kcfg, drafter, setup, log)

@@ -45,6 +45,12 @@ from codraft.watchdog import Watchdog
 logger = logging.getLogger(__name__)
 
 
+def source_signals(indexed: dict[str, float]) -> dict[str, float]:
+    """The hybrid drafter's per-source signals for `Observation`, from its step metrics (drafters/hybrid.py); none for other kinds."""
+    keys = {"learned_alone_accept_len": "spec/learned/alone_accept_len", "suffix_alone_accept_len": "spec/suffix/alone_accept_len", "suffix_share": "spec/suffix/share"}
+    return {field: float(indexed[key]) for field, key in keys.items() if key in indexed}
+
+
 def live_alpha(acc: AcceptanceStats, ks: tuple[int, ...] = ()) -> float:
     """Per-token acceptance of a generation, from its counts (NaN without drafts): the alpha whose
     expected accepted tokens match the measured ones, given how many tokens each draft proposed.
@@ -138,7 +144,7 @@ class Controller:
         parts = self.policy.target_parts()
         held = self.data.held_out
         alpha = teacher_forced_alpha(self.serving, held, parts, self.k, self.vocab) if held else None
-        obs = self._observe(step, gen, timer, alpha)
+        obs = self._observe(step, gen, timer, alpha, indexed)
         self.refresh_policy.observe(obs)
         decision = self.refresh_policy.decide()
         record: dict[str, Any] = {
@@ -166,8 +172,9 @@ class Controller:
         record["drafter/version"] = self.version
         return record
 
-    def _observe(self, step: int, gen: Generation, timer: StageTimer, alpha) -> Observation:
-        """This step's observation for the refresh policy; feeds the cost model the step's timing."""
+    def _observe(self, step: int, gen: Generation, timer: StageTimer, alpha, indexed: dict[str, float]) -> Observation:
+        """This step's observation for the refresh policy; feeds the cost model the step's timing.
+        `indexed`: what the drafter reported taking the step's rollouts (a hybrid's per-source counts)."""
         acc = gen.acceptance or AcceptanceStats()
         lengths = tuple(len(c.token_ids) for c in gen.completions)
         gen_s = timer.seconds.get("gen", 0.0)
@@ -191,7 +198,7 @@ class Controller:
             gen_s=gen_s, gen_tokens=gen.num_tokens, step_s=sum(timer.seconds.values()),
             last_distill_s=self.last_distill_s, last_swap_s=self.last_swap_s, steps_since_refresh=self.steps_since_refresh,
             predicted_gen_s_now=predict(a_now), predicted_gen_s_fresh=predict(self.fresh_alpha),
-            completion_lengths=lengths, refresh_outcome=self.outcome,
+            completion_lengths=lengths, refresh_outcome=self.outcome, **source_signals(indexed),
         )
 
     def _watch(self, obs: Observation) -> str:

@@ -118,6 +118,7 @@ class Drafter(nn.Module):
     aux_layers: tuple[int, ...] = ()  # target layers whose entering residual stream the head reads
     needs_last: bool = False  # whether the head reads the target's final hidden state
     learned: ClassVar[bool] = True  # False: nothing to distil (no `unroll`); refreshed through `on_rollouts`
+    drafts_in_vllm_only: ClassVar[bool] = False  # True: drafts (or part of them) only inside vLLM's worker, not from `unroll`
     reads: ClassVar[tuple[str, ...]] = ()  # published formats `load_drafter` hands this kind: "architectures:<name>", "speculators:<type>"
 
     @classmethod

@@ -41,8 +41,8 @@ class ReferenceEngine(RolloutEngine):
     def build(cls, cfg, policy_dir: Path, drafter=None, drafter_dir: Path | None = None, k_schedule=None) -> ReferenceEngine:
         """Speculates with the drafter's own modules (`drafter_dir` unused); k is fixed
         (`drafter.num_speculative_tokens`), so `k_schedule` is ignored. A drafter that learns nothing
-        (suffix) has no PyTorch unroll to draft with here: refused."""
-        if drafter is not None and not drafter.learned:
+        (suffix), or drafts partly inside vLLM's worker (hybrid), cannot draft here: refused."""
+        if drafter is not None and drafter.drafts_in_vllm_only:
             raise ValueError(f"rollout.backend=reference cannot serve drafter kind {drafter.name!r} (it drafts inside vLLM's proposer, not in PyTorch); use rollout.backend=vllm")
         return cls(cfg, policy_dir, drafter_runtime=drafter)
 

@@ -64,6 +64,13 @@ class Observation:
     """Cost model: generation seconds of this step's rollouts with the serving drafter."""
     completion_lengths: tuple[int, ...] = ()
     """Length of every completion generated this step (the running-batch profile follows from it)."""
+    learned_alone_accept_len: float = math.nan
+    """Hybrid drafter: tokens per verify step its learned part alone would have given, scored on every
+    verified row (drafters/hybrid.py); NaN for other kinds."""
+    suffix_alone_accept_len: float = math.nan
+    """Hybrid drafter: the same for its suffix index alone; NaN for other kinds."""
+    suffix_share: float = math.nan
+    """Hybrid drafter: share of the drafted rows the suffix index drafted; NaN for other kinds."""
     refresh_outcome: str = ""
     """What became of the refresh this policy asked for at the previous step: "swap" (the new
     drafter serves), "refuse" (the candidate failed the gate or its distillation failed; the old

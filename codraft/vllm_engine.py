@@ -221,6 +221,8 @@ class VLLMEngine(RolloutEngine):
             raise RuntimeError("the engine's workers have a weight-transfer backend of their own; codraft syncs weights through its own")
         if not self._transport.in_process:  # the workers log in processes of their own
             self._record("quiet_expected_warnings", self.llm.collective_rpc(vllm_compat.quiet_expected_warnings))
+        if (target_overrides or {}).get("codraft_mixer"):  # the hybrid drafter's per-request choice of source
+            vllm_compat.require("install_draft_mixer", self._record("install_draft_mixer", self.llm.collective_rpc(vllm_compat.install_draft_mixer)))
         if speculative:
             self._record("plain_sampling_without_drafts", self.llm.collective_rpc(vllm_compat.plain_sampling_without_drafts))
         if self.cpu and speculative:
@@ -345,7 +347,7 @@ class VLLMEngine(RolloutEngine):
         """`update` to the custom-class proposer in every worker (`vllm_compat.update_proposer`); rank 0's reply."""
         replies = self.llm.collective_rpc(vllm_compat.update_proposer, args=(update,))
         if not replies or any(r is None for r in replies):
-            raise RuntimeError("the engine's proposer takes no updates (built without a model-free drafter's speculative config?)")
+            raise RuntimeError("the engine's proposer takes no updates (built without a suffix or hybrid drafter?)")
         return replies[0]
 
     def close(self) -> None:

@@ -90,16 +90,21 @@ def best_next(node: dict) -> tuple[int, float]:
 def draft_from(node: dict, limit: int, min_prob: float) -> list[int]:
     """Follow the most frequent continuation while the draft's empirical probability (the product of
     the next-token probabilities along it) is >= min_prob, for at most `limit` tokens."""
+    return draft_with_prob(node, limit, min_prob)[0]
+
+
+def draft_with_prob(node: dict, limit: int, min_prob: float) -> tuple[list[int], float]:
+    """`draft_from`'s draft and its empirical probability (1.0 for an empty draft)."""
     out: list[int] = []
     prob = 1.0
     while len(out) < limit and len(node) > 1:
         token, p = best_next(node)
-        prob *= p
-        if prob < min_prob:
+        if prob * p < min_prob:
             break
+        prob *= p
         out.append(token)
         node = node[token]
-    return out
+    return out, prob
 
 
 class History:

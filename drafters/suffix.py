@@ -41,7 +41,8 @@ from typing import Any
 from codraft.config import ConfigError
 from codraft.configfile import from_dict, to_dict
 from codraft.drafter import DRAFTERS, Drafter, DrafterMismatch
-from drafters._suffix_index import History, SuffixIndex, draft_from, longest_match
+from drafters._index_refresh import IndexRefresh
+from drafters._suffix_index import History, SuffixIndex, draft_with_prob, longest_match
 
 PROPOSER = "drafters.suffix.SuffixProposer"
 SOURCES = ("prompt", "siblings", "history", "global")
@@ -149,11 +150,13 @@ class SuffixProposer:
             self._drop_in_flight()
         before, self.lives = self.lives, {}
         drafts, continued = [], False
+        self.draft_probs: list[float] = []  # each row's draft's empirical probability (drafters/hybrid.py reads it)
         for row, new in enumerate(sampled_token_ids):
             if not new:  # a partial prefill: nothing sampled, nothing to draft
                 if row in before:
                     self.lives[row] = before.pop(row)
                 drafts.append([])
+                self.draft_probs.append(1.0)
                 continue
             n = lengths[row]
             live = self._find(before, token_ids_cpu, row, n, len(new))
@@ -163,7 +166,9 @@ class SuffixProposer:
             else:
                 live = self._start(token_ids_cpu[row, :n].tolist(), len(new))
             self.lives[row] = live
-            drafts.append(self._draft(live, k, n) if k > 0 else [])
+            draft, prob = self._draft(live, k, n) if k > 0 else ([], 1.0)
+            drafts.append(draft)
+            self.draft_probs.append(prob)
         for live in before.values():
             self._retire(live)
         self._account(start, n_reqs, continued, drafts)
@@ -211,7 +216,7 @@ class SuffixProposer:
         live.tokens.extend(new)
         live.length += len(new)
 
-    def _draft(self, live: Live, k: int, n: int) -> list[int]:
+    def _draft(self, live: Live, k: int, n: int) -> tuple[list[int], float]:
         s = self.settings
         length, node = longest_match(live.active, s.min_match, s.max_match)
         if self.outer is not None and length < s.max_match:  # the global index where it matches longer
@@ -225,11 +230,11 @@ class SuffixProposer:
                     length, node = longer, other
                     break
         if node is None:
-            return []
+            return [], 1.0
         limit = min(k, self.max_model_len - n - 1)
         if s.tokens_per_match > 0:
             limit = min(limit, math.ceil(s.tokens_per_match * length))
-        return draft_from(node, limit, s.min_token_prob)
+        return draft_with_prob(node, limit, s.min_token_prob)
 
     # ------------------------------------------------------------------ index upkeep
     def _group(self, prompt: tuple[int, ...]) -> Group:
@@ -319,11 +324,12 @@ class SuffixProposer:
 
 # -------------------------------------------------------------------------------------- drafter
 @DRAFTERS.register("suffix")
-class SuffixDrafter(Drafter):
+class SuffixDrafter(IndexRefresh, Drafter):
     description = "Model-free: continues the same prompt's text (prompt, siblings in flight, earlier rollouts); refreshed by indexing each step's rollouts; vLLM `custom_class`."
     Config = SuffixConfig
     method = "custom_class"
     learned = False
+    drafts_in_vllm_only = True
 
     def __init__(self, settings: SuffixConfig, vocab_size: int):
         super().__init__()
@@ -356,37 +362,3 @@ class SuffixDrafter(Drafter):
     def target_overrides(self) -> dict:
         """The proposer's settings travel in the target's config (vLLM builds it from its config alone)."""
         return {"codraft_suffix": self.hf_config()["codraft_suffix"]}
-
-    def on_rollouts(self, engine, prompts: list[list[int]], completions: list[list[int]], prompt_index: list[int]) -> dict[str, float]:
-        """Refresh: the step's rollouts join the history and the live proposer's index."""
-        rows = [[list(prompts[i]), list(c)] for i, c in zip(prompt_index, completions)]
-        for prompt, completion in rows:
-            self.history.add(prompt, completion)
-        out = {"drafter/index_tokens": float(self.history.tokens), "drafter/index_rollouts": float(len(self.history.rows))}
-        reply = _push(engine, {"rollouts": rows, "stats": "reset"})
-        return {**out, **proposer_metrics(reply["stats"])} if reply is not None else out
-
-    def runtime_state(self) -> dict:
-        return {"history": [[list(p), list(c)] for p, c in self.history.rows]}
-
-    def load_runtime_state(self, state: dict, engine) -> None:
-        self.history = History(self.settings.history_tokens)
-        for prompt, completion in state.get("history", ()):
-            self.history.add(prompt, completion)
-        _push(engine, {"reset": True, "rollouts": self.runtime_state()["history"]})
-
-
-def _push(engine, update: dict) -> dict | None:
-    """Hand `update` to the proposer inside `engine`'s workers; None for an engine without one
-    (the reference engine, or none at all)."""
-    push = getattr(engine, "update_proposer", None)
-    return push(update) if push is not None else None
-
-
-def proposer_metrics(stats: dict) -> dict[str, float]:
-    """The proposer's cost from its `stats`: ms per engine step, and that over the engine step's ms."""
-    if not stats["calls"]:
-        return {}
-    own = stats["seconds"] / stats["calls"]
-    step = stats["step_seconds"] / stats["steps_timed"] if stats["steps_timed"] else math.nan
-    return {"spec/proposer_ms_per_step": 1e3 * own, "spec/proposer_share": own / step}

@@ -24,7 +24,7 @@ MAX_TIES = 0.1  # near ties that came out differently, as a share of the compare
 
 
 def learned_kinds() -> list[str]:
-    return [k for k in DRAFTERS.names() if getattr(DRAFTERS.get(k), "learned", True)]
+    return [k for k in DRAFTERS.names() if DRAFTERS.get(k).learned and not DRAFTERS.get(k).drafts_in_vllm_only]  # hybrid: its learned kind's parity
 
 
 def record_proposals(worker) -> bool:

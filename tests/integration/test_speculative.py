@@ -1,6 +1,6 @@
 """Speculative rollouts in vLLM for every drafter kind: served from the exported checkpoint, acceptance
 counts that add up and agree with teacher-forced acceptance (kinds that learn) or rise once the
-rollouts are indexed (kinds that learn nothing, `Drafter.learned = False`), the k-by-batch-size
+rollouts are indexed (kinds with a suffix index: suffix, hybrid), the hybrid's per-source counts, the k-by-batch-size
 switch, losslessness (chi-square at alpha 0.01, Bonferroni over positions, fixed seeds), and the
 planted-bias detector."""
 import dataclasses
@@ -9,6 +9,7 @@ import pytest
 
 from codraft.drafter import DRAFTERS
 from codraft.lossless import biased_eagle3, check_lossless
+from drafters._index_refresh import IndexRefresh
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ def test_acceptance_counts_add_up_and_match_teacher_forcing(served, setup):
     assert sum(acc.accepted_per_pos) == acc.accepted
     assert list(acc.accepted_per_pos) == sorted(acc.accepted_per_pos, reverse=True)  # position i needs 0..i-1
     assert 1.0 <= acc.accept_len <= K + 1
-    if not drafter.learned:  # no teacher-forced acceptance to compare with (test_indexed_rollouts_raise_acceptance)
+    if drafter.drafts_in_vllm_only:  # suffix drafts have no teacher-forced acceptance (test_indexed_rollouts_raise_acceptance, test_hybrid_mixes_its_sources)
         return
     pairs = [(setup["held"][c.prompt_index], c.token_ids) for c in gen.completions]
     examples = record_examples(setup["policy"], pairs, drafter, setup["tok"].pad_token_id)
@@ -77,7 +78,7 @@ def test_indexed_rollouts_raise_acceptance(served, setup):
     from codraft.engine import Sampling
 
     kind, drafter, eng = served
-    if drafter.learned:
+    if not isinstance(drafter, IndexRefresh):
         pytest.skip(f"{kind} is refreshed by distillation (test_acceptance_counts_add_up_and_match_teacher_forcing)")
     prompts, sampling = setup["held"], Sampling(1.0, 1.0, 48)
     try:
@@ -88,10 +89,42 @@ def test_indexed_rollouts_raise_acceptance(served, setup):
         print(f"{kind}: accept len {cold.acceptance.accept_len:.3f} -> {warm.acceptance.accept_len:.3f}, accepted share {share(cold):.3f} -> {share(warm):.3f}, {metrics}")
         assert metrics["drafter/index_tokens"] == cold.num_tokens and metrics["drafter/index_rollouts"] == len(cold.completions)
         assert metrics["spec/proposer_ms_per_step"] > 0 and 0 < metrics["spec/proposer_share"] < 1
-        assert warm.acceptance.accept_len > cold.acceptance.accept_len and share(warm) > share(cold) + 0.05
+        gain = 0.05 if not drafter.learned else 0.0  # a hybrid's learned part already drafts much of what the index adds
+        assert warm.acceptance.accept_len > cold.acceptance.accept_len and share(warm) > share(cold) + gain
         assert warm.acceptance.draft_tokens <= K * warm.acceptance.drafts
     finally:
         drafter.load_runtime_state({}, eng)  # an empty index again for the tests below
+
+
+def test_hybrid_mixes_its_sources(served, setup):
+    """The hybrid's mixer counts every verified row once, its sources' counts add up to no more than
+    the engine's, the suffix drafts more rows once earlier rollouts are indexed, and the mix gets
+    at least what either source alone would have (scored on the same rows)."""
+    from codraft.engine import Sampling
+    from drafters.hybrid import HybridDrafter
+
+    kind, drafter, eng = served
+    if not isinstance(drafter, HybridDrafter):
+        pytest.skip(f"{kind} drafts from one source")
+    prompts, sampling = setup["held"], Sampling(1.0, 1.0, 48)
+    take = lambda gen: drafter.on_rollouts(eng, prompts, [c.token_ids for c in gen.completions], [c.prompt_index for c in gen.completions])  # noqa: E731
+    try:
+        eng.update_proposer({"stats": "reset"})
+        cold = eng.generate(prompts, n=4, sampling=sampling, seed=31)
+        first = take(cold)
+        warm = eng.generate(prompts, n=4, sampling=sampling, seed=32)
+        second = take(warm)
+        for gen, m in ((cold, first), (warm, second)):
+            acc = gen.acceptance
+            print(f"{kind}: accept len {acc.accept_len:.3f}; " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("spec/")))
+            assert m["spec/learned/share"] + m["spec/suffix/share"] == pytest.approx(1.0)
+            assert m["spec/learned/accepted"] + m["spec/suffix/accepted"] <= acc.accepted
+            assert m["spec/learned/draft_tokens"] + m["spec/suffix/draft_tokens"] <= acc.draft_tokens
+            assert acc.accept_len >= max(m["spec/learned/alone_accept_len"], m["spec/suffix/alone_accept_len"]) - 0.05
+        assert second["spec/suffix/share"] > first["spec/suffix/share"]
+        assert second["spec/suffix/alone_accept_len"] > first["spec/suffix/alone_accept_len"]
+    finally:
+        drafter.load_runtime_state({}, eng)
 
 
 def _count_drafter_forwards(worker, reset: bool) -> int:

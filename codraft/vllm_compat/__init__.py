@@ -1,4 +1,5 @@
-"""Every place codraft reaches into vLLM's internals: one function per hook, written for vLLM 0.32.0.
+"""Every place codraft reaches into vLLM's internals: one function per hook, written for vLLM 0.32.0 (those around the
+model runner's draft proposal in proposers.py).
 
 codraft drives vLLM through its public API (`vllm.LLM`, `SamplingParams`, `llm.generate`,
 `llm.get_metrics`, `llm.collective_rpc`, `llm.reset_prefix_cache`, the weight-update session
@@ -42,6 +43,12 @@ Run inside each worker, through `llm.collective_rpc(hook, args=...)`:
 - `set_drafting` (performance): the runner's `propose_draft_token_ids`, replaced on the instance
   (`runner.drafter` must exist). Why: vLLM runs the drafter at every step even where k is 0 for
   every batch size; off, a speculative engine costs what a plain one does.
+- `install_draft_mixer` (required where the target's config names a mixer, `codraft_mixer`): the
+  runner's `propose_draft_token_ids`, wrapped on the instance (`set_drafting` keeps the wrapper to put
+  back); the mixer reads `runner.input_batch` (`req_ids`, `num_reqs`, `num_tokens_no_spec`,
+  `token_ids_cpu`), `runner.discard_request_mask` and the metadata's `num_draft_tokens`. Why: vLLM
+  serves one speculative method per engine, and the hybrid drafter chooses per request between the
+  learned proposer's drafts and the suffix index's.
 - `plain_sampling_without_drafts` (performance): `worker.model_runner.rejection_sampler.forward`,
   replaced on the instance, and its inner `sampler`. Why: a step without drafts is sampled as a
   plain engine samples it, skipping the rejection sampler's second pass over the vocabulary.
@@ -73,6 +80,8 @@ SUPPORTED_VLLM = "0.32.0"
 CORRECTNESS = {
     "apply_rejection_fix": "without it vLLM's CPU rejection sampler reads uninitialised per-token temperatures, "
     "and speculative sampling at temperature > 0 does not follow the policy's distribution",
+    "install_draft_mixer": "without it a hybrid drafter's engine drafts with its learned part alone, and what is "
+    "measured as the hybrid is not the hybrid",
 }
 PERFORMANCE = ("set_drafting", "plain_sampling_without_drafts")
 
@@ -255,32 +264,6 @@ def apply_rejection_fix(worker=None, enabled: bool = True) -> bool:
 
 
 # --- performance hooks -----------------------------------------------------------------------
-def set_drafting(worker, enabled: bool) -> bool:
-    """Run the drafter at every step (True, vLLM's behaviour) or not at all (False).
-
-    vLLM's proposer runs the drafter's forward pass at every step even where the k-by-batch-size
-    table gives k = 0, so that the drafter's KV cache stays in step for when k rises again
-    (`vllm/v1/spec_decode/llm_base_proposer.py`, `propose`), and the runner prepares its inputs
-    first (`gpu_model_runner.propose_draft_token_ids`). When the table is 0 everywhere no draft is
-    ever used, and that work makes a speculative engine slower than a plain one. Off, the runner's
-    `propose_draft_token_ids` returns what it returns at k = 0, no drafts, and does nothing else.
-    With no drafts scheduled, nothing downstream needs what it skips: the accepted-token counts
-    it would record for asynchronous scheduling are the CPU's own (every draft, of none, accepted).
-    Returns whether this runner's drafter could be switched."""
-    runner = worker.model_runner
-    if getattr(runner, "drafter", None) is None or not hasattr(type(runner), "propose_draft_token_ids"):
-        return False
-    if enabled:
-        runner.__dict__.pop("propose_draft_token_ids", None)
-        return True
-
-    def propose_draft_token_ids(*args, **kwargs):  # sample_tokens has already cleared the draft state
-        return torch.empty(runner.input_batch.num_reqs, 0, device=runner.device, dtype=torch.int64)
-
-    runner.propose_draft_token_ids = propose_draft_token_ids
-    return True
-
-
 def plain_sampling_without_drafts(worker) -> bool:
     """Sample a step that carries no draft token with the plain sampler, as a plain engine does.
 
@@ -390,10 +373,5 @@ def quiet_expected_warnings(worker=None) -> bool:  # `worker`: also run in the w
     return True
 
 
-# --- custom-class proposers ------------------------------------------------------------------
-def update_proposer(worker, update: dict):
-    """Hand `update` (plain data) to the custom-class proposer vLLM built from `speculative_config.model`
-    (`worker.model_runner.drafter`), return its reply; None if it takes none. Why: a model-free
-    drafter's index (drafters/suffix.py) lives in the worker, and a refresh is new data for it."""
-    update_fn = getattr(getattr(worker.model_runner, "drafter", None), "update", None)
-    return update_fn(update) if callable(update_fn) else None
+# --- around the runner's draft proposal (codraft/vllm_compat/proposers.py) --------------------
+from codraft.vllm_compat.proposers import install_draft_mixer, set_drafting, update_proposer  # noqa: E402, F401  (hooks, re-exported here)
