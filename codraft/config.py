@@ -138,7 +138,7 @@ class RolloutConfig:
     policy and RUN_DIR/drafter from the paths rank 0 uses (a shared filesystem). 1: rank 0's engine
     generates everything."""
     cpu_rejection_fix: bool = True
-    """CPU backend: replace vLLM's broken per-token expansion in the rejection sampler (see codraft/vllm_compat.py).
+    """CPU backend: replace vLLM's broken per-token expansion in the rejection sampler (see codraft/vllm_compat/).
     Turn off only to demonstrate the bug."""
 
 

@@ -182,7 +182,7 @@ def _llm_kwargs(cfg, policy_dir: Path, speculative: dict | None, target_override
 
 @ENGINES.register("vllm")
 class VLLMEngine(RolloutEngine):
-    """`hooks` records, by name, whether each of codraft's hooks into vLLM (codraft/vllm_compat.py)
+    """`hooks` records, by name, whether each of codraft's hooks into vLLM (codraft/vllm_compat/)
     applied when last used; a correctness hook that did not apply stops the engine instead."""
 
     @classmethod

