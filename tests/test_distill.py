@@ -16,7 +16,7 @@ from codraft.distill import (
 )
 from codraft.drafter import DRAFTERS, Features, target_parts
 from codraft.warmstart import record_examples
-from tests_helpers import tiny_policy
+from tests_helpers import counting_pairs, taught_policy, tiny_policy
 
 N, V = 12, 50
 
@@ -147,23 +147,8 @@ def test_examples_from_forward_resolves_the_automatic_setting():
 @pytest.fixture(scope="module")
 def taught():
     """A tiny policy taught to count up (as in test_drafters), and its training pairs."""
-    g = torch.Generator().manual_seed(0)
-    pairs = []
-    for _ in range(48):
-        start = int(torch.randint(3, 20, (1,), generator=g))
-        pairs.append(([1, 2, start], [start + j for j in range(1, 12)]))
-    from codraft.batch import make_batch, token_logprobs
-
-    model = tiny_policy().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batch = make_batch([p for p, _ in pairs], [c for _, c in pairs], 0)
-    for _ in range(60):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        loss = -(token_logprobs(logits, batch.targets) * batch.target_mask).sum() / batch.target_mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), pairs
+    pairs = counting_pairs()
+    return taught_policy(pairs), pairs
 
 
 def test_distillation_on_sparse_teachers_raises_acceptance(taught):

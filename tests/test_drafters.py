@@ -15,7 +15,8 @@ import torch
 from codraft.distill import distill, distill_loss, teacher_forced_alpha
 from codraft.drafter import DRAFTERS, DrafterMismatch, load_drafter, target_parts
 from codraft.warmstart import record_examples
-from tests_helpers import tiny_policy
+from tests_helpers import counting_pairs, tiny_policy
+from tests_helpers import taught_policy as teach
 
 KINDS = DRAFTERS.names()
 LEARNED = [kind for kind in KINDS if DRAFTERS.get(kind).learned]  # distilled kinds: the teacher-forced contract applies
@@ -29,30 +30,13 @@ def policy():
 
 @pytest.fixture(scope="module")
 def pairs():
-    g = torch.Generator().manual_seed(0)
-    # a deterministic pattern the policy can be taught: completion counts up from the prompt's last token
-    out = []
-    for i in range(48):
-        start = int(torch.randint(3, 20, (1,), generator=g))
-        out.append(([1, 2, start], [start + j for j in range(1, 12)]))
-    return out
+    return counting_pairs()
 
 
 @pytest.fixture(scope="module")
 def taught_policy(pairs):
     """A policy trained briefly on the counting pattern, so that it has something to distil."""
-    from codraft.batch import make_batch, token_logprobs
-
-    model = tiny_policy().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batch = make_batch([p for p, _ in pairs], [c for _, c in pairs], 0)
-    for _ in range(60):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        loss = -(token_logprobs(logits, batch.targets) * batch.target_mask).sum() / batch.target_mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return teach(pairs)
 
 
 def check_unroll_shapes(kind, policy, pairs):
