@@ -187,3 +187,30 @@ def test_suffix_first_refreshes_only_when_the_mix_cannot_cover_for_a_stale_learn
     for step, accept_len in enumerate([3.0, 2.2]):
         plain.observe(obs(step, step, accept_len, math.nan))
     assert plain.decide().refresh
+
+
+def test_a_resumed_hybrid_restores_the_index_and_the_evidence():
+    from codraft.drafter import DRAFTERS
+    from codraft.plugins import plugin_settings
+    from tests_helpers import tiny_policy
+
+    class Engine:  # VLLMEngine.update_proposer reaches the worker's mixer the same way
+        def __init__(self, mixer):
+            self.worker = SimpleNamespace(model_runner=SimpleNamespace(_codraft_mixer=mixer, drafter=None))
+
+        def update_proposer(self, update):
+            return vllm_compat.update_proposer(self.worker, update)
+
+    cls, settings = plugin_settings(DRAFTERS, "hybrid", {"suffix": {"history_tokens": 40}}, "drafter.args.")
+    policy = tiny_policy()
+    run, serving = cls.build(policy, settings), DraftMixer(vllm_config(suffix={"history_tokens": 40}))
+    serving.evidence["suffix"][K][3] = [8.0, 20.0]
+    prompts = [[1, 2, 3], [1, 2, 4]]
+    for step in range(3):
+        metrics = run.on_rollouts(Engine(serving), prompts, [[5 + step] * 9, [7] * (4 + step)], [0, 1])
+    assert metrics["drafter/index_tokens"] == run.history.tokens <= 40 and run.evidence == serving.evidence
+    assert serving.evidence["suffix"][K][3] == [1.0, 2.5]  # halved at each of the three steps
+    resumed, fresh = cls.build(policy, settings), DraftMixer(vllm_config(suffix={"history_tokens": 40}))
+    resumed.load_runtime_state(run.runtime_state(), Engine(fresh))
+    assert fresh.evidence == serving.evidence and fresh.suffix.history.rows == serving.suffix.history.rows == resumed.history.rows
+    assert fresh.suffix.groups.keys() == serving.suffix.groups.keys()
