@@ -13,34 +13,18 @@ without hysteresis. A refused refresh (`refresh_outcome == "refuse"`) lets it as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
-from codraft.config import ConfigError
 from codraft.refresh import REFRESH_POLICIES, Decision, Observation, RefreshPolicy
-
-
-@dataclass(frozen=True)
-class SuffixFirstConfig:
-    drop: float = 0.15
-    """Refresh when the learned part alone and the mix are both this fraction below the learned part's post-refresh level."""
-    ema: float = 0.5
-    """Weight of the newest step in the moving averages (1 = no smoothing)."""
-    min_interval: int = 2
-    """Fewest steps between two refreshes."""
-
-    def validate(self, prefix: str = "controller.args.") -> None:
-        for key, ok, rule in [("drop", 0 < self.drop < 1, "in (0, 1)"), ("ema", 0 < self.ema <= 1, "in (0, 1]"), ("min_interval", self.min_interval >= 1, ">= 1")]:
-            if not ok:
-                raise ConfigError(f"config key '{prefix}{key}' must be {rule}, got {getattr(self, key)!r}")
+from schedulers.threshold import ThresholdConfig
 
 
 @REFRESH_POLICIES.register("suffix_first")
 class SuffixFirst(RefreshPolicy):
     description = "Hybrid drafter: refresh the learned part only when it is stale AND the suffix index no longer makes up the difference."
-    Config = SuffixFirstConfig
+    Config = ThresholdConfig  # drop, ema, min_interval: as `threshold`, `drop` applied to both signals
 
-    def __init__(self, config: SuffixFirstConfig | None = None, seed: int = 0):
+    def __init__(self, config: ThresholdConfig | None = None, seed: int = 0):
         super().__init__(config, seed)
         self.config.validate()
         self.level: float | None = None
