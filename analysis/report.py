@@ -31,7 +31,7 @@ from typing import Annotated, Any
 import tyro
 
 from analysis.runs import RunData, find_run_dirs, load_run, read_hardware, summarize, summary_row, varying_keys
-from analysis.stats import METRICS, SEED_KEY, configuration_rows, result_sections, seeds_note
+from analysis.stats import SEED_KEY, configuration_rows, metrics_for, result_sections, seeds_note
 from analysis.tables import cell, column_title, hardware_note
 from codraft.io import atomic_write_text
 from codraft.cliargs import Command
@@ -135,7 +135,8 @@ def build_report(path: Path, out: Path | None = None, bench: Path | None = None)
         by = [k for k in keys if k != SEED_KEY]
         baseline = state.get("grid", {}).get("baseline") or None
         parts.append(f'<p class="meta">{html.escape(seeds_note(state.get("grid", {}).get("grid", {}).get(SEED_KEY, ())))}</p>')
-        for heading, table, columns, runs_column, note in result_sections(configuration_rows(rows, by, METRICS, baseline), by, baseline):
+        metrics = metrics_for(rows)
+        for heading, table, columns, runs_column, note in result_sections(configuration_rows(rows, by, metrics, baseline), by, baseline, metrics):
             parts += [f"<h2>{html.escape(heading)}</h2>", html_table(table, columns, {*by, "note"}, runs_column), f'<p class="note">{html.escape(note)}</p>']
     parts += ["<h2>Per run</h2>" if sweep else "<h2>Results</h2>", html_table(rows, ["name", *keys, "status", *MAIN_COLUMNS], {"name", "status", *keys}),
               '<p class="note">Acceptance lengths are 1 + accepted / drafts from summed counts (first / last: the first and last '

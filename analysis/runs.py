@@ -228,6 +228,10 @@ class RunSummary:
     """Steps averaged for reward_first / reward_last (a fifth of the steps, at least 1)."""
     samples: int = 0
     """Rollouts written to samples.jsonl."""
+    alone: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Hybrid drafter: per source (`learned`, `suffix`), (drafts, expected accepted tokens) that source
+    alone would have had on the verified rows of every step (`spec/<source>/alone_accept_len` times
+    the step's drafts); empty for other kinds."""
 
     @property
     def accept_len_first(self) -> float:
@@ -245,6 +249,11 @@ class RunSummary:
     @property
     def accept_rate(self) -> float:
         return self.accept_total.accept_rate
+
+    def alone_accept_len(self, source: str) -> float:
+        """Hybrid drafter: acceptance length `source` alone would have had over the run (NaN otherwise)."""
+        drafts, accepted = self.alone.get(source, (0.0, math.nan))
+        return 1 + accepted / drafts if drafts else math.nan
 
     @property
     def pos_rates(self) -> list[float]:
@@ -306,7 +315,27 @@ def summarize(run: RunData) -> RunSummary:
         reward_last=statistics.fmean(rewards[-window:]) if rewards else math.nan,
         reward_window=window,
         samples=run.samples,
+        alone=alone_counts(run.steps),
     )
+
+
+ALONE_SOURCES = ("learned", "suffix")
+
+
+def alone_counts(steps: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Per hybrid source: drafts and accepted tokens it alone would have had, summed over the steps
+    that log `spec/<source>/alone_accept_len` (each step weighted by its drafts, as the run's own
+    acceptance is)."""
+    out = {}
+    for source in ALONE_SOURCES:
+        drafts = accepted = 0.0
+        for r in steps:
+            alone, rows = number(r.get(f"spec/{source}/alone_accept_len")), step_acceptance(r).drafts
+            if alone is not None and rows:
+                drafts, accepted = drafts + rows, accepted + (alone - 1) * rows
+        if drafts:
+            out[source] = (drafts, accepted)
+    return out
 
 
 def summary_row(s: RunSummary) -> dict[str, Any]:
@@ -333,5 +362,8 @@ def summary_row(s: RunSummary) -> dict[str, Any]:
     }
     row.update({f"{stage}_s_per_step": v for stage, v in s.mean_stage_s.items()})
     row["gen_share"] = s.stage_shares["gen"]
+    for source in ALONE_SOURCES:  # NaN but for a hybrid drafter
+        row[f"{source}_alone_accept_len"] = s.alone_accept_len(source)
+        row[f"mix_minus_{source}_alone"] = s.accept_len_mean - s.alone_accept_len(source)
     row.update({"eval_first": s.eval_first, "eval_last": s.eval_last, "reward_first": s.reward_first, "reward_last": s.reward_last})
     return row

@@ -33,6 +33,14 @@ ANECDOTE = "1 seed: anecdote"
 # per-configuration figures: acceptance, refreshes, refresh cost, stage times per step, speed, quality
 METRICS = ["accept_len_mean", "accept_len_last", "swaps", "refusals", "distill_swap_s", "gen_s_per_step",
            "logprob_s_per_step", "train_s_per_step", "step_s_mean", "wall_s", "eval_last", "reward_last"]
+# a hybrid drafter's acceptance against each of its sources alone on the same rows (within-run pairs)
+HYBRID_METRICS = ["learned_alone_accept_len", "suffix_alone_accept_len", "mix_minus_learned_alone", "mix_minus_suffix_alone"]
+
+
+def metrics_for(rows: list[dict[str, Any]]) -> list[str]:
+    """METRICS, plus HYBRID_METRICS when some run drafted with a hybrid drafter."""
+    hybrid = any(number(r.get("learned_alone_accept_len")) is not None for r in rows)
+    return METRICS + HYBRID_METRICS if hybrid else METRICS
 
 
 @dataclass(frozen=True)

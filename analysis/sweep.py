@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from analysis.runs import flat_config, is_finished, load_run, read_hardware, short_key, summarize, summary_row
-from analysis.stats import METRICS, SEED_KEY, configuration_rows, flat_row, result_sections, seeds_note, select_baseline
+from analysis.stats import SEED_KEY, configuration_rows, flat_row, metrics_for, result_sections, seeds_note, select_baseline
 from analysis.tables import hardware_note, results_markdown, write_csv
 from codraft.config import ConfigError
 from codraft.cliargs import Command
@@ -337,13 +337,14 @@ def write_results(out: Path, grid: Grid) -> tuple[Path, Path, Path]:
     (one row per run) and results.md (hardware, seeds, interval method, both tables)."""
     out = Path(out)
     rows = result_rows(out, grid)
-    confs = configuration_rows(rows, grid.config_keys, METRICS, dict(grid.baseline) or None)
+    metrics = metrics_for(rows)
+    confs = configuration_rows(rows, grid.config_keys, metrics, dict(grid.baseline) or None)
     write_csv(out / "runs.csv", rows)
     write_csv(out / "results.csv", [flat_row(c) for c in confs], first="n_seeds")
     fixed = " Fixed for every run: " + ", ".join(f"`{k}={toml_literal(v)}`" for k, v in grid.base) + "." if grid.base else ""
     head = [f"{len(rows)} of {math.prod(len(v) for _, v in grid.axes)} runs have results (preset `{grid.preset}`).{fixed}",
             hardware_note({r["name"]: read_hardware(out / r["name"]) for r in rows}), seeds_note(dict(grid.axes).get(SEED_KEY, ()))]
-    sections = result_sections(confs, grid.config_keys, dict(grid.baseline))
+    sections = result_sections(confs, grid.config_keys, dict(grid.baseline), metrics)
     atomic_write_text(out / "results.md", results_markdown(f"Sweep results: {out.name}", head, sections, rows))
     return out / "results.csv", out / "results.md", out / "runs.csv"
 

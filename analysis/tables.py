@@ -23,6 +23,8 @@ COLUMN_TITLES = {
     "wall_s": "end-to-end s", "step_s_mean": "step s/step", "gen_share": "gen share", "eval_first": "eval acc first",
     "eval_last": "eval acc last", "reward_first": "reward first", "reward_last": "reward last", "runs": "runs",
     "n_seeds": "seeds", "n_pairs": "paired seeds", "note": "note", "baseline": "baseline",
+    "learned_alone_accept_len": "learned alone accept len", "suffix_alone_accept_len": "suffix alone accept len",
+    "mix_minus_learned_alone": "mix − learned alone", "mix_minus_suffix_alone": "mix − suffix alone",
 }
 
 

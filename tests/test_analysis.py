@@ -18,8 +18,8 @@ import pytest
 
 from analysis import plots
 from analysis.report import build_report, is_sweep_dir
-from analysis.runs import accept_len_series, decision_steps, find_run_dirs, is_finished, load_run, summarize, varying_keys
-from analysis.stats import METRICS, mean_curve, paired_interval, t_interval
+from analysis.runs import accept_len_series, decision_steps, find_run_dirs, is_finished, load_run, summarize, summary_row, varying_keys
+from analysis.stats import HYBRID_METRICS, METRICS, mean_curve, metrics_for, paired_interval, t_interval
 from analysis.sweep import Grid, expand, parse_grid, read_grid, run_command, run_sweep, write_results
 from analysis.tables import hardware_note
 from codraft.config import ConfigError
@@ -135,6 +135,23 @@ def test_summary_from_counts_hand_computed(tmp_path):
     assert accept_len_series(run) == ([0, 1, 2, 3], [2.5, 2.2, 1.9, 1.8])
     assert decision_steps(run, "swap") == [2] and decision_steps(run, "refuse") == [1]
     assert run.config_value("controller.policy") == "threshold"
+
+
+def test_hybrid_runs_compare_the_mix_with_each_source_alone(tmp_path):
+    """A hybrid run's per-source `alone` acceptance sums over steps weighted by each step's drafts
+    (as the run's own acceptance is), and the sweep tables gain the mix-minus-source columns."""
+    records = [step_record(0, drafts=100, accepted=200), step_record(1, drafts=300, accepted=300)]
+    records[0].update({"spec/learned/alone_accept_len": 2.5, "spec/suffix/alone_accept_len": 1.5})
+    records[1].update({"spec/learned/alone_accept_len": 1.8, "spec/suffix/alone_accept_len": 2.2})
+    s = summarize(load_run(write_run(tmp_path / "h", ["drafter.kind=hybrid"], records, {"eval/accuracy": 0.5})))
+    assert s.accept_len_mean == pytest.approx(1 + 500 / 400)
+    assert s.alone_accept_len("learned") == pytest.approx(1 + (150 + 240) / 400)  # not the mean of 2.5 and 1.8
+    assert s.alone_accept_len("suffix") == pytest.approx(1 + (50 + 360) / 400)
+    row = summary_row(s)
+    assert row["mix_minus_learned_alone"] == pytest.approx(0.275) and row["mix_minus_suffix_alone"] == pytest.approx(0.225)
+    plain = summary_row(summarize(load_run(write_run(tmp_path / "e", ["drafter.kind=eagle3"], [step_record(0, 100, 150)], None))))
+    assert math.isnan(plain["learned_alone_accept_len"]) and math.isnan(plain["mix_minus_suffix_alone"])
+    assert metrics_for([plain]) == METRICS and metrics_for([plain, row]) == METRICS + HYBRID_METRICS
 
 
 def test_unfinished_and_plain_runs(tmp_path):
