@@ -254,7 +254,7 @@ def setup_target(name: str, preset: str, overrides: Sequence[str], eager: bool, 
     from codraft.task import make_task
     from codraft.testbed import policy_source
 
-    over = (LARGE if name == "large" else []) + [f"rollout.enforce_eager={str(eager).lower()}", f"rollout.max_num_seqs={max_batch}",
+    over = (LARGE if name == "large" else []) + [f"rollout.engine_mode={'eager' if eager else 'compiled'}", f"rollout.max_num_seqs={max_batch}",
                                                  "rollout.gpu_memory_utilization=0.4", *overrides]
     cfg = load_config(preset, overrides=over)
     policy_dir = policy_source(cfg, log=log)

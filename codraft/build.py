@@ -23,6 +23,7 @@ from codraft.costmodel import parse_k_schedule
 from codraft.costprofile import calibrated_cost_model
 from codraft.distributed import DistState, DistributedTrainer, barrier, wrap_policy
 from codraft.drafter import Drafter, load_drafter, target_parts
+from codraft.engine_mode import EngineModeChoice, resolve_engine_mode, with_mode
 from codraft.engines import make_engine
 from codraft.grpo import GRPOTrainer
 from codraft.hardware import describe
@@ -73,6 +74,8 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
         torch.set_num_threads(cfg.run.threads)
     policy_dir = find_policy_dir(cfg, task, dist)
     prompts = Prompts.load(cfg, task, splits, policy_dir)
+    configured, mode = cfg, engine_mode(cfg, policy_dir, prompts, dist)
+    cfg = with_mode(cfg, mode.mode)  # what the engines and the cost profile see; config.toml keeps the configured one
     attention = "eager" if dist.device.type == "cpu" else "sdpa"  # eager attention trains faster on CPU here
     policy = load_policy(policy_dir, attention, dist.device)
     if cfg.grpo.gradient_checkpointing:  # recompute layers in backward instead of keeping their activations
@@ -98,17 +101,28 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
         if serving is not None:  # the controller changes rank 0's engine; RolloutGroup replays the changes on the others
             cost = calibrated_cost_model(engine, cfg, serving, prompts.warm_start(), k_schedule=k_schedule) if cfg.controller.cost_profile else None
             out.controller = Controller(cfg, serving, out.rollouts.engine, view, drafter_dir, k_schedule, cost=cost)
-        write_hardware(cfg, run_dir, dist)
-        write_config(cfg, run_dir / "config.toml")  # last: a run that failed to start leaves no config behind
+        write_hardware(cfg, run_dir, dist, mode)
+        write_config(configured, run_dir / "config.toml")  # last: a run that failed to start leaves no config behind
         sink = MetricsSink(run_dir / "metrics.jsonl", tensorboard=cfg.output.tensorboard)
         out.outputs = RunOutputs(run_dir, sink, prompts.tokenizer, cfg.output.samples_per_step, cfg.rollout.group_size)
     return out
 
 
-def write_hardware(cfg: Config, run_dir: Path, dist: DistState) -> None:
-    """RUN_DIR/hardware.json: the machine, the engine mode and the training precision of this run."""
+def engine_mode(cfg: Config, policy_dir: Path, prompts: Prompts, dist: DistState) -> EngineModeChoice:
+    """The engine mode of this run (`rollout.engine_mode`; `auto`: measured once per machine by the
+    main rank, whose cache the other ranks then read)."""
+    if cfg.rollout.engine_mode != "auto" or not dist.distributed:
+        return resolve_engine_mode(cfg, policy_dir, prompts.warm_start())
+    choice = resolve_engine_mode(cfg, policy_dir, prompts.warm_start()) if dist.is_main else None
+    barrier(dist)
+    return choice or resolve_engine_mode(cfg, policy_dir, prompts.warm_start(), is_main=False)
+
+
+def write_hardware(cfg: Config, run_dir: Path, dist: DistState, mode: EngineModeChoice) -> None:
+    """RUN_DIR/hardware.json: the machine, the engine mode (and why) and the training precision of this run."""
     facts = describe(
-        engine_mode="eager" if cfg.rollout.enforce_eager else "compiled",
+        engine_mode=mode.mode,
+        engine_mode_choice=mode.as_json(),
         train_precision=compute_dtype(dist.device, cfg.grpo.autocast_bf16),
         world_size=dist.world_size,
     )

@@ -121,8 +121,10 @@ class RolloutConfig:
     """Longest completion; longer ones are cut and get no format reward."""
     dtype: str = "bfloat16"
     """Engine weight dtype."""
-    enforce_eager: bool = True
-    """Run vLLM without torch.compile (fast start-up); False compiles (slower start, faster steps)."""
+    engine_mode: Literal["auto", "eager", "compiled"] = "auto"
+    """vLLM without torch.compile (`eager`: fast start-up) or with it (`compiled`: a compile at start,
+    cheaper steps), or `auto`: on a CPU, both timed once per machine and model (cached) and compiled
+    chosen when the run's steps repay the compile; on a GPU, compiled (codraft/engine_mode.py)."""
     kv_cache_gib: float = 0.5
     """CPU backend: memory reserved for the KV cache, GiB."""
     gpu_memory_utilization: float = 0.5

@@ -22,7 +22,13 @@ from codraft.config import Config, ConfigError, validate
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+RENAMED = {"enforce_eager": 'engine_mode ("eager", "compiled" or "auto"; enforce_eager = true was "eager")'}
+"""Keys of earlier versions -> what replaced them (named in the unknown-key error)."""
+
+
 def _closest(name: str, options: list[str]) -> str:
+    if name in RENAMED:
+        return f"; it was replaced by {RENAMED[name]}"
     near = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
     return f"; did you mean {', '.join(repr(n) for n in near)}?" if near else f"; valid keys: {', '.join(options)}"
 

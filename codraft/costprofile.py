@@ -141,7 +141,7 @@ def drafter_shape(drafter) -> dict[str, Any]:
 
 
 def engine_mode(cfg) -> str:
-    return "eager" if cfg.rollout.enforce_eager else "compiled"
+    return "compiled" if cfg.rollout.engine_mode == "compiled" else "eager"
 
 
 def profile_key(facts: dict[str, Any], cfg, drafter, settings: ProfileSettings) -> tuple[str, dict[str, Any]]:

@@ -156,7 +156,7 @@ def _llm_kwargs(cfg, policy_dir: Path, speculative: dict | None, target_override
         model=str(policy_dir),
         tokenizer=str(policy_dir),
         dtype=rollout.dtype,
-        enforce_eager=rollout.enforce_eager,
+        enforce_eager=rollout.engine_mode != "compiled",  # `auto` is resolved before a run builds its engine (codraft/engine_mode.py)
         max_model_len=cfg.model.max_len,  # the testbed's and a real checkpoint's alike (preflight checks it fits)
         max_num_seqs=rollout.max_num_seqs,
         seed=cfg.run.seed,

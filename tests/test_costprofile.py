@@ -102,7 +102,7 @@ def test_cache_key_follows_hardware_model_drafter_and_engine(tiny_cfg):
     assert what["hardware"].startswith("avx2|AMD EPYC|2|")
     other_cpu = {**FACTS, "cpu": "Intel Xeon", "isa": ["amx_bf16", "avx2", "avx512f"]}
     bigger = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, hidden_size=256))
-    eager = dataclasses.replace(tiny_cfg, rollout=dataclasses.replace(tiny_cfg.rollout, enforce_eager=not tiny_cfg.rollout.enforce_eager))
+    eager = dataclasses.replace(tiny_cfg, rollout=dataclasses.replace(tiny_cfg.rollout, engine_mode="compiled"))  # smoke: eager
     moved = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, cache_dir="/elsewhere"))
     keys = {profile_key(other_cpu, tiny_cfg, Head(128), settings)[0], profile_key(FACTS, bigger, Head(128), settings)[0],
             profile_key(FACTS, tiny_cfg, Head(256), settings)[0], profile_key(FACTS, eager, Head(128), settings)[0],
