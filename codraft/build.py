@@ -74,7 +74,7 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
         torch.set_num_threads(cfg.run.threads)
     policy_dir = find_policy_dir(cfg, task, dist)
     prompts = Prompts.load(cfg, task, splits, policy_dir)
-    configured, mode = cfg, engine_mode(cfg, policy_dir, prompts, dist)
+    configured, mode = cfg, engine_mode(cfg, policy_dir, prompts, dist, run_dir)
     cfg = with_mode(cfg, mode.mode)  # what the engines and the cost profile see; config.toml keeps the configured one
     attention = "eager" if dist.device.type == "cpu" else "sdpa"  # eager attention trains faster on CPU here
     policy = load_policy(policy_dir, attention, dist.device)
@@ -108,14 +108,14 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
     return out
 
 
-def engine_mode(cfg: Config, policy_dir: Path, prompts: Prompts, dist: DistState) -> EngineModeChoice:
-    """The engine mode of this run (`rollout.engine_mode`; `auto`: measured once per machine by the
-    main rank, whose cache the other ranks then read)."""
+def engine_mode(cfg: Config, policy_dir: Path, prompts: Prompts, dist: DistState, run_dir: Path) -> EngineModeChoice:
+    """The engine mode of this run (`rollout.engine_mode`; `auto`: the mode a resumed run started in,
+    or measured once per machine by the main rank, whose cache the other ranks then read)."""
     if cfg.rollout.engine_mode != "auto" or not dist.distributed:
-        return resolve_engine_mode(cfg, policy_dir, prompts.warm_start())
-    choice = resolve_engine_mode(cfg, policy_dir, prompts.warm_start()) if dist.is_main else None
+        return resolve_engine_mode(cfg, policy_dir, prompts.warm_start(), run_dir=run_dir)
+    choice = resolve_engine_mode(cfg, policy_dir, prompts.warm_start(), run_dir=run_dir) if dist.is_main else None
     barrier(dist)
-    return choice or resolve_engine_mode(cfg, policy_dir, prompts.warm_start(), is_main=False)
+    return choice or resolve_engine_mode(cfg, policy_dir, prompts.warm_start(), is_main=False, run_dir=run_dir)
 
 
 def write_hardware(cfg: Config, run_dir: Path, dist: DistState, mode: EngineModeChoice) -> None:

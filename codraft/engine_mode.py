@@ -17,6 +17,7 @@ hardware fingerprint (`codraft.hardware.fingerprint`), the OpenMP runtime, the m
 engine settings; the decision itself is taken per run (it depends on `run.steps`). The choice and
 its numbers go into RUN_DIR/hardware.json (`engine_mode`, `engine_mode_choice`).
 
+A resumed run keeps the mode it started in (RUN_DIR/hardware.json), whatever the cache now says.
 On a GPU `auto` is `compiled` without timing: CUDA graphs are vLLM's default and its fast path.
 The timing engines are plain (no drafter); the run's engine drafts with the same mode.
 """
@@ -167,14 +168,27 @@ def measure(cfg, policy_dir: Path, prompts: Sequence[Sequence[int]], build: Call
     return tuple(out)
 
 
+def started_mode(run_dir: Path) -> str | None:
+    """The engine mode `auto` chose when the run in `run_dir` started (None for a new run)."""
+    try:
+        facts = json.loads((Path(run_dir) / "hardware.json").read_text())
+    except (OSError, ValueError):
+        return None
+    mode = facts.get("engine_mode") if isinstance(facts, dict) and facts.get("engine_mode_choice") else None
+    return mode if mode in MODES else None
+
+
 def resolve_engine_mode(cfg, policy_dir: Path, prompts: Sequence[Sequence[int]], is_main: bool = True, build: Callable | None = None,
-                        log: Callable = logger.info) -> EngineModeChoice:
-    """The run's engine mode: the configured one, or for `auto` the measured choice (see the module
-    docstring). Under torchrun only the main rank measures (the others read its cache: call this on
-    them after a barrier)."""
+                        log: Callable = logger.info, run_dir: Path | None = None) -> EngineModeChoice:
+    """The run's engine mode: the configured one, or for `auto` the mode a resumed run in `run_dir`
+    started in, or the measured choice (see the module docstring). Under torchrun only the main rank
+    measures (the others read its cache: call this on them after a barrier)."""
     mode = cfg.rollout.engine_mode
     if mode != "auto":
         return EngineModeChoice(mode, "configured (rollout.engine_mode)")
+    started = started_mode(run_dir) if run_dir is not None else None
+    if started:
+        return EngineModeChoice(started, "the mode this run started in (RUN_DIR/hardware.json)")
     if cfg.rollout.backend != "vllm":
         return EngineModeChoice("eager", "the reference engine has no compiled mode")
     facts = describe()

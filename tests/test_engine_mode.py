@@ -3,6 +3,7 @@ cache, RNG left untouched by the timing engines, torchrun ranks, and the config 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -114,6 +115,17 @@ def test_configured_modes_gpus_and_other_ranks_take_no_timing(auto_cfg, monkeypa
     monkeypatch.setattr(engine_mode, "describe", lambda **_: {**FACTS, "accelerator": "NVIDIA H100"})
     assert resolve_engine_mode(auto_cfg, "p", [], build=build).mode == "compiled"
     assert FakeEngine.built == []
+
+
+def test_a_resumed_run_keeps_the_mode_it_started_in(auto_cfg, monkeypatch, tmp_path):
+    build = fake_build(monkeypatch)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "hardware.json").write_text(json.dumps({**FACTS, "engine_mode": "compiled", "engine_mode_choice": {"mode": "compiled"}}))
+    choice = resolve_engine_mode(with_steps(auto_cfg, 1), "p", [[1]] * 40, build=build, run_dir=run_dir)
+    assert choice.mode == "compiled" and "started in" in choice.reason and FakeEngine.built == []  # 1 step alone would choose eager
+    (run_dir / "hardware.json").write_text(json.dumps({**FACTS, "engine_mode": "eager"}))  # a run from before `auto`: nothing chosen
+    assert resolve_engine_mode(with_steps(auto_cfg, 1), "p", [[1]] * 40, build=build, run_dir=run_dir, log=lambda *a: None).cached is False
 
 
 def test_the_key_names_what_decides_the_timings(auto_cfg):
