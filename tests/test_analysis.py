@@ -751,7 +751,7 @@ def test_bench_forecasts_cells_from_a_profile_of_a_known_cost_model(tmp_path, ca
 
 def test_vanilla_comparison_table_from_synthetic_numbers(capsys):
     from analysis.bench_cells import PairTiming, Side, TargetResult
-    from analysis.bench_vanilla import print_vanilla, vanilla_cell
+    from analysis.bench_vanilla import CONTROL, print_vanilla, vanilla_cell
     from codraft.acceptance import AcceptanceStats
 
     # vanilla (a) against codraft (b): 100 tokens per repeat; codraft 2% slower, then 10% slower
@@ -762,11 +762,13 @@ def test_vanilla_comparison_table_from_synthetic_numbers(capsys):
     assert a.ratio == pytest.approx(1 / 1.02) and a.spread == pytest.approx(0.0, abs=1e-9) and a.accept_codraft == pytest.approx(2.5)
     assert a.vanilla_tps == pytest.approx(100.0) and a.codraft_tps == pytest.approx(100 / 1.02)
     assert b.ratio == pytest.approx(1 / 1.1) and (b.low, b.high) == pytest.approx((1 / 1.12, 1 / 1.08))
-    res = TargetResult("t", 1, vanilla=[dataclasses.asdict(a), dataclasses.asdict(b)],
+    aa = vanilla_cell("t", CONTROL, 0, 0, PairTiming(Side([1.0, 1.0, 1.0], [100] * 3), Side([1.3, 0.95, 1.0], [100] * 3), calls=1), math.nan)
+    res = TargetResult("t", 1, vanilla=[dataclasses.asdict(aa), dataclasses.asdict(a), dataclasses.asdict(b)],
                        grpo={"vanilla_pairs": [{"kind": "eagle3", "k": 3, "hooks": {"apply_rejection_fix": True}, "rejection_fix_in_place_ms": 0.05,
                                                 "get_metrics_ms": 0.4}]})
     print_vanilla([res], AVX2)
     out = capsys.readouterr().out
     assert "AVX2 only" in out and "0.980" in out and "0.909" in out and "GRPO" in out
-    assert out.count("MISSED") == 1 and "within 5% of vanilla: 1/2 cells" in out
+    assert out.count("MISSED") == 1 and "within 5% of vanilla: 1/2 cells" in out  # the control is not a cell of the goal
+    assert "noise floor: vanilla against vanilla on the GRPO batch 1.000 (range 0.769-1.053)" in out and "vanilla A/A" in out
     assert "0.40 ms (counters)" in out
