@@ -326,16 +326,14 @@ def alone_counts(steps: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     """Per hybrid source: drafts and accepted tokens it alone would have had, summed over the steps
     that log `spec/<source>/alone_accept_len` (each step weighted by its drafts, as the run's own
     acceptance is)."""
-    out = {}
-    for source in ALONE_SOURCES:
-        drafts = accepted = 0.0
-        for r in steps:
-            alone, rows = number(r.get(f"spec/{source}/alone_accept_len")), step_acceptance(r).drafts
+    sums = {source: [0.0, 0.0] for source in ALONE_SOURCES}
+    for r in steps:
+        rows = step_acceptance(r).drafts
+        for source, acc in sums.items():
+            alone = number(r.get(f"spec/{source}/alone_accept_len"))
             if alone is not None and rows:
-                drafts, accepted = drafts + rows, accepted + (alone - 1) * rows
-        if drafts:
-            out[source] = (drafts, accepted)
-    return out
+                acc[0], acc[1] = acc[0] + rows, acc[1] + (alone - 1) * rows
+    return {source: (drafts, accepted) for source, (drafts, accepted) in sums.items() if drafts}
 
 
 def summary_row(s: RunSummary) -> dict[str, Any]:

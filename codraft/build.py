@@ -111,11 +111,12 @@ def build_parts(cfg: Config, run_dir: Path, task: Task, splits, dist: DistState)
 def engine_mode(cfg: Config, policy_dir: Path, prompts: Prompts, dist: DistState, run_dir: Path) -> EngineModeChoice:
     """The engine mode of this run (`rollout.engine_mode`; `auto`: the mode a resumed run started in,
     or measured once per machine by the main rank, whose cache the other ranks then read)."""
+    ids = prompts.warm_start()
     if cfg.rollout.engine_mode != "auto" or not dist.distributed:
-        return resolve_engine_mode(cfg, policy_dir, prompts.warm_start(), run_dir=run_dir)
-    choice = resolve_engine_mode(cfg, policy_dir, prompts.warm_start(), run_dir=run_dir) if dist.is_main else None
+        return resolve_engine_mode(cfg, policy_dir, ids, run_dir=run_dir)
+    choice = resolve_engine_mode(cfg, policy_dir, ids, run_dir=run_dir) if dist.is_main else None
     barrier(dist)
-    return choice or resolve_engine_mode(cfg, policy_dir, prompts.warm_start(), is_main=False, run_dir=run_dir)
+    return choice or resolve_engine_mode(cfg, policy_dir, ids, is_main=False, run_dir=run_dir)
 
 
 def write_hardware(cfg: Config, run_dir: Path, dist: DistState, mode: EngineModeChoice) -> None:

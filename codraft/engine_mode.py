@@ -150,9 +150,8 @@ def measure(cfg, policy_dir: Path, prompts: Sequence[Sequence[int]], build: Call
     sampling = Sampling(rollout.temperature, rollout.top_p, rollout.max_new_tokens)
     out = []
     for mode in MODES:
-        mode_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(rollout, engine_mode=mode))
         t0 = perf_counter()
-        engine = build(mode_cfg, policy_dir)
+        engine = build(with_mode(cfg, mode), policy_dir)
         start_s = perf_counter() - t0
         try:
             runs = []
