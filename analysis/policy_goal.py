@@ -1,0 +1,124 @@
+"""The refresh-policy goal checked from finished runs: every configuration against every-step
+refresh (the reference) and the frozen drafter (the floor), paired seed by seed.
+
+    python -m analysis.policy_goal runs/policies-short
+    python -m analysis.policy_goal runs/smoke-policies-shift runs/smoke-drift-tuning   # same scenario, same seeds
+
+A configuration is `controller.policy` plus the `controller.args` its runs set (from config.toml),
+e.g. `drift (threshold=0.05)`. Per seed, with A the mean acceptance length over the run (summed
+counts) and C the distill + swap seconds:
+
+    vs reference = A / A_reference - 1        cost share = C / C_reference        vs floor = A / A_floor - 1
+
+and each column is the mean with a 95% Student-t interval over the seeds that both runs finished.
+The goal (issue 16): within 5% of the reference, at most 30% of its cost, at least 15% above the
+floor. A goal is "met" when the mean meets it and "met at 95%" when the whole interval does.
+The runs given should share one scenario; the table names the machines they ran on.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from analysis.runs import RunData, find_run_dirs, load_run, read_hardware, summarize
+from analysis.stats import Interval, t_interval
+from analysis.tables import hardware_note
+
+REFERENCE, FLOOR = "every_n", "never"
+WITHIN, COST, ABOVE = -0.05, 0.30, 0.15
+"""The goal: relative acceptance against the reference >= WITHIN, cost share <= COST, relative
+acceptance against the floor >= ABOVE."""
+
+
+def label(run: RunData) -> str:
+    """`policy` or `policy (key=value, ...)` with the controller.args the run set."""
+    args = run.config.get("controller", {}).get("args", {})
+    policy = run.config_value("controller.policy", "?")
+    return f"{policy} ({', '.join(f'{k}={v}' for k, v in sorted(args.items()))})" if args else policy
+
+
+@dataclass(frozen=True)
+class GoalRow:
+    """One configuration against the reference and the floor, over its paired seeds."""
+
+    config: str
+    seeds: int
+    accept_len: Interval
+    vs_reference: Interval
+    cost_share: Interval
+    vs_floor: Interval
+
+    def verdicts(self) -> list[str]:
+        """Per goal: "met at 95%", "met" (the mean only) or "missed"."""
+        checks = [(self.vs_reference, lambda x: x >= WITHIN, "low"), (self.cost_share, lambda x: x <= COST, "high"),
+                  (self.vs_floor, lambda x: x >= ABOVE, "low")]
+        out = []
+        for iv, ok, bound in checks:
+            if not iv.n or not ok(iv.mean):
+                out.append("missed" if iv.n else "–")
+            else:
+                out.append("met at 95%" if iv.n > 1 and ok(getattr(iv, bound)) else "met")
+        return out
+
+
+def goal_rows(runs: list[RunData]) -> list[GoalRow]:
+    """One row per configuration (the reference's and the floor's included), in first-seen order."""
+    by_config: dict[str, dict[int, tuple[float, float]]] = {}
+    for run in runs:
+        if not run.finished:
+            continue
+        s = summarize(run)
+        by_config.setdefault(label(run), {})[int(run.config_value("run.seed", 0))] = (s.accept_len_mean, s.distill_swap_s)
+    for name in (REFERENCE, FLOOR):
+        if name not in by_config:
+            raise ValueError(f"no finished `{name}` run among the runs given: the goal is measured against `{REFERENCE}` and `{FLOOR}` of the same seeds")
+    ref, floor = by_config[REFERENCE], by_config[FLOOR]
+    rows = []
+    for name, seeds in by_config.items():
+        paired = [s for s in seeds if s in ref and s in floor]
+        rows.append(GoalRow(
+            name, len(paired), t_interval(seeds[s][0] for s in paired),
+            t_interval(seeds[s][0] / ref[s][0] - 1 for s in paired),
+            t_interval(seeds[s][1] / ref[s][1] if ref[s][1] > 0 else float("nan") for s in paired),
+            t_interval(seeds[s][0] / floor[s][0] - 1 for s in paired)))
+    return rows
+
+
+def percent(iv: Interval, signed: bool = True) -> str:
+    if not iv.n:
+        return "–"
+    f = "{:+.1f}%" if signed else "{:.1f}%"
+    spread = f" [{f.format(100 * iv.low)}, {f.format(100 * iv.high)}]" if iv.n > 1 else " (1 seed: anecdote)"
+    return f.format(100 * iv.mean) + spread
+
+
+def markdown(rows: list[GoalRow], hardware: str) -> str:
+    head = ["configuration", "paired seeds", "accept len", f"vs {REFERENCE}", "cost share", f"vs {FLOOR}",
+            f"within {-WITHIN:.0%}", f"cost <= {COST:.0%}", f">= +{ABOVE:.0%}"]
+    lines = [f"Hardware: {hardware}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r.config}`", str(r.seeds), r.accept_len.text(), percent(r.vs_reference), percent(r.cost_share, signed=False),
+                 percent(r.vs_floor), *r.verdicts()]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Per seed: acceptance length (mean over the run) / `{REFERENCE}`'s - 1, distill + swap seconds / "
+              f"`{REFERENCE}`'s, acceptance length / `{FLOOR}`'s - 1; mean [95% Student-t interval] over the seeds all "
+              "three finished. \"met\": the mean meets the goal; \"met at 95%\": the whole interval does."]
+    return "\n".join(lines)
+
+
+def main(paths: list[Path]) -> str:
+    dirs = [d for p in paths for d in find_run_dirs(p)]
+    rows = goal_rows([load_run(d) for d in dirs])
+    return markdown(rows, hardware_note({d.name: read_hardware(d) for d in dirs}).removeprefix("Hardware: ").rstrip("."))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories of one scenario")
+    try:
+        print(main(parser.parse_args().paths))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

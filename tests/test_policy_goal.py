@@ -1,0 +1,56 @@
+"""analysis/policy_goal.py on synthetic runs with hand-computed acceptance and refresh cost."""
+from pathlib import Path
+
+import pytest
+
+from test_analysis import step_record, write_run
+
+
+def constant_run(root: Path, policy: str, seed: int, accept_len: float, swap_steps: set[int], args: dict | None = None, steps: int = 8) -> Path:
+    """Every step drafts 100 times with `accept_len`; a swap costs 4 s of distillation + 0.5 s of swap."""
+    records = [step_record(s, 100, round(100 * (accept_len - 1)), "swap" if s in swap_steps else "keep", distill_s=4.0, swap_s=0.5)
+               for s in range(steps)]
+    overrides = [f"controller.policy={policy}", "drafter.kind=eagle3", f"run.seed={seed}", f"run.steps={steps}"]
+    overrides += [f"controller.args.{k}={v}" for k, v in (args or {}).items()]
+    name = policy + "".join(f"-{k}{v}" for k, v in (args or {}).items())
+    return write_run(root / f"{name}__seed-{seed}", overrides, records, {"eval/accuracy": 0.5})
+
+
+def cells(md: str) -> dict[str, list[str]]:
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| `")]
+    return {r[0].strip("`"): r for r in rows}
+
+
+def test_goal_columns_and_verdicts_hand_computed(tmp_path):
+    from analysis.policy_goal import main
+
+    for seed in (0, 1):
+        constant_run(tmp_path, "never", seed, 2.0, set())
+        constant_run(tmp_path, "every_n", seed, 2.5, set(range(8)))
+        constant_run(tmp_path, "drift", seed, 2.4, {2, 6}, {"threshold": 0.05})  # -4%, 25% of the cost, +20%
+        constant_run(tmp_path, "drift", seed, 2.2 + 0.1 * seed, {3}, {"threshold": 0.2})  # -12% / -8%, 12.5%, +10% / +15%
+        constant_run(tmp_path, "threshold", seed, 2.35 + 0.1 * seed, {3})  # -6% / -2%, 12.5%, +17.5% / +22.5%
+    rows = cells(main([tmp_path]))
+    tuned = rows["drift (threshold=0.05)"]
+    assert tuned[1] == "2"
+    assert tuned[3].startswith("-4.0% [-4.0%, -4.0%]")
+    assert tuned[4].startswith("25.0% [25.0%, 25.0%]")
+    assert tuned[5].startswith("+20.0% [+20.0%, +20.0%]")
+    assert tuned[6:] == ["met at 95%", "met at 95%", "met at 95%"]
+    loose = rows["drift (threshold=0.2)"]
+    assert loose[3].startswith("-10.0% [")  # mean of -12% and -8%
+    assert loose[5].startswith("+12.5% [")
+    assert loose[6:] == ["missed", "met at 95%", "missed"]
+    wide = rows["threshold"]
+    assert wide[3].startswith("-4.0% [") and wide[5].startswith("+20.0% [")
+    assert wide[6:] == ["met", "met at 95%", "met"]  # the means meet the goals, the two-seed intervals do not
+    assert rows["every_n"][4].startswith("100.0%") and rows["every_n"][6] == "met at 95%"
+
+
+def test_a_missing_reference_is_named(tmp_path):
+    from analysis.policy_goal import main
+
+    constant_run(tmp_path, "never", 0, 2.0, set())
+    constant_run(tmp_path, "drift", 0, 2.4, {2})
+    with pytest.raises(ValueError, match="no finished `every_n` run"):
+        main([tmp_path])
