@@ -195,6 +195,9 @@ class DrafterConfig:
     """Start from this drafter checkpoint instead of warm-starting one."""
     warmup_steps: int = 150
     """Distillation steps of the warm start against the SFT policy."""
+    warmup_prompts: int = 64
+    """Training prompts the warm start samples 4 completions each for (at least 4 x `batch_size`,
+    at most the training split); an eighth of the completions is held out to measure it."""
     lr: float = 1e-3
     """Drafter learning rate (warm start and refreshes)."""
     batch_size: int = 16
@@ -327,6 +330,7 @@ def validate(cfg: Config) -> None:
         ("drafter.num_speculative_tokens", cfg.drafter.num_speculative_tokens >= 1, "must be >= 1 (use drafter.kind=none for no speculation)"),
         ("drafter.lr", cfg.drafter.lr > 0, "must be > 0"),
         ("drafter.warmup_steps", cfg.drafter.warmup_steps >= 0, "must be >= 0"),
+        ("drafter.warmup_prompts", cfg.drafter.warmup_prompts >= 1, "must be >= 1"),
         ("controller.distill_steps", cfg.controller.distill_steps >= 1, "must be >= 1"),
         ("controller.buffer_steps", cfg.controller.buffer_steps >= 1, "must be >= 1"),
         ("controller.holdout_fraction", 0 < cfg.controller.holdout_fraction < 1, "must be in (0, 1)"),

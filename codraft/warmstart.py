@@ -96,7 +96,7 @@ def warm_drafter(cfg: Config, policy, prompts: list[list[int]], policy_dir: Path
         return path, facts
     if (path / "warmstart.json").is_file():
         return path, json.loads((path / "warmstart.json").read_text())
-    n_prompts = min(len(prompts), max(64, dcfg.batch_size * 4))
+    n_prompts = min(len(prompts), max(dcfg.warmup_prompts, dcfg.batch_size * 4))
     log(f"warm-starting the {dcfg.kind} drafter: sampling {n_prompts} x 4 completions from the SFT policy, {dcfg.warmup_steps} distillation steps")
     pairs = sample_completions(policy, prompts[:n_prompts], 4, cfg.rollout.temperature, cfg.rollout.max_new_tokens, eos_id, pad_id, seed=cfg.run.seed)
     counts = torch.zeros(policy.config.vocab_size)

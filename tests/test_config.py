@@ -46,7 +46,8 @@ def test_wrong_type_names_key():
 
 @pytest.mark.parametrize(
     "override, key",
-    [("drafter.num_speculative_tokens=0", "drafter.num_speculative_tokens"), ("grpo.lr=-1e-4", "grpo.lr"), ("rollout.group_size=1", "rollout.group_size")],
+    [("drafter.num_speculative_tokens=0", "drafter.num_speculative_tokens"), ("grpo.lr=-1e-4", "grpo.lr"), ("rollout.group_size=1", "rollout.group_size"),
+     ("drafter.warmup_prompts=0", "drafter.warmup_prompts")],
 )
 def test_out_of_range_names_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -147,6 +147,28 @@ def test_a_kind_that_learns_nothing_is_built_not_distilled(kind, policy, tmp_pat
     assert json.loads((path / "warmstart.json").read_text()) == {"kind": kind, "learned": False}
 
 
+@pytest.mark.parametrize("warmup_prompts, batch_size, sampled", [(64, 16, 64), (100, 16, 100), (8, 4, 16), (500, 16, 300)])
+def test_warm_start_samples_warmup_prompts(warmup_prompts, batch_size, sampled, policy, tmp_path, monkeypatch):
+    """`drafter.warmup_prompts` training prompts (at least 4 x batch_size, at most the 300 given), 4 completions each."""
+    import codraft.warmstart as warmstart
+    from codraft.configfile import load_config
+    from tests_helpers import tiny_checkpoint
+
+    seen = {}
+
+    def stop(policy, prompts, n, *args, **kwargs):
+        seen.update(prompts=prompts, n=n)
+        raise InterruptedError
+
+    monkeypatch.setattr(warmstart, "sample_completions", stop)
+    cfg = load_config("smoke", overrides=["drafter.kind=eagle3", f"drafter.warmup_prompts={warmup_prompts}", f"drafter.batch_size={batch_size}",
+                                          f"model.cache_dir={tmp_path / 'cache'}"])
+    prompts = [[i % 7 + 1, i % 5 + 1] for i in range(300)]
+    with pytest.raises(InterruptedError):
+        warmstart.warm_drafter(cfg, policy, prompts, tiny_checkpoint(tmp_path / "policy"), eos_id=0, pad_id=0, log=lambda *a: None)
+    assert seen == {"prompts": prompts[:sampled], "n": 4}
+
+
 def test_unknown_drafter_setting_names_the_key():
     from codraft.config import ConfigError
     from codraft.configfile import load_config
