@@ -98,9 +98,10 @@ def percent(iv: Interval, signed: bool = True) -> str:
 
 
 def markdown(rows: list[GoalRow], hardware: str) -> str:
+    """The goal table, after `hardware` (`analysis.tables.hardware_note`'s sentence)."""
     head = ["configuration", "paired seeds", "accept len", f"vs {REFERENCE}", "cost share", f"vs {FLOOR}", "refresh share",
             f"within {-WITHIN:.0%}", f"cost <= {COST:.0%}", f">= +{ABOVE:.0%}"]
-    lines = [f"Hardware: {hardware}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [hardware, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r.config}`", str(r.seeds), r.accept_len.text(), percent(r.vs_reference), percent(r.cost_share, signed=False),
                  percent(r.vs_floor), percent(r.refresh_share, signed=False), *r.verdicts()]
@@ -114,7 +115,7 @@ def markdown(rows: list[GoalRow], hardware: str) -> str:
 def main(paths: list[Path]) -> str:
     dirs = [d for p in paths for d in find_run_dirs(p)]
     rows = goal_rows([load_run(d) for d in dirs])
-    return markdown(rows, hardware_note({d.name: read_hardware(d) for d in dirs}).removeprefix("Hardware: ").rstrip("."))
+    return markdown(rows, hardware_note({d.name: read_hardware(d) for d in dirs}))
 
 
 if __name__ == "__main__":
