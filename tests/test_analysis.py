@@ -20,7 +20,7 @@ from analysis import plots
 from analysis.report import build_report, is_sweep_dir
 from analysis.runs import accept_len_series, decision_steps, find_run_dirs, is_finished, load_run, summarize, summary_row, varying_keys
 from analysis.stats import HYBRID_METRICS, METRICS, mean_curve, metrics_for, paired_interval, t_interval
-from analysis.sweep import Grid, expand, parse_grid, read_grid, run_command, run_sweep, write_results
+from analysis.sweep import Grid, expand, parse_grid, read_grid, run_command, run_sweep, validate_runs, write_results
 from analysis.tables import hardware_note
 from codraft.config import ConfigError
 from codraft.configfile import load_config, write_config
@@ -402,6 +402,18 @@ def test_seeds_and_baseline_in_the_grid_file(tmp_path):
     assert read_grid(path).keys == ["controller.policy", "run.seed"] and dict(read_grid(path).baseline) == {"controller.policy": "never"}
     policies = read_grid(Path(__file__).resolve().parent.parent / "analysis" / "grids" / "policies.toml")
     assert dict(policies.axes)["run.seed"] == (0, 1, 2) and dict(policies.baseline) == {"controller.policy": "every_n"}
+
+
+GRIDS = sorted((Path(__file__).resolve().parent.parent / "analysis" / "grids").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[g.stem for g in GRIDS])
+def test_every_shipped_grid_validates(path):
+    """Each grid under analysis/grids resolves every run's config (what `codraft sweep` checks before it starts)."""
+    grid = read_grid(path)
+    runs = expand(grid)
+    validate_runs(grid, runs)
+    assert runs and f"--grid analysis/grids/{path.name}" in path.read_text()  # its header names the command that runs it
 
 
 def test_seeds_clash_and_bad_baselines_are_refused():
