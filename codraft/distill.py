@@ -365,6 +365,7 @@ def _batch_loss(drafter: Drafter, batch: DistillBatch, target: TargetParts, k: i
     return (total / norm if count and not float(norm) <= 0 else None), count  # norm 0: no teacher mass the drafter can reach
 
 
+@torch.enable_grad()  # a training step whatever the caller's mode (a warm start called under no_grad)
 def distill(
     drafter: Drafter, examples: list[DistillExample], target: TargetParts, *, steps: int, k: int, loss: str, lr: float, batch_size: int, vocab: int,
     seed: int = 0, max_tokens: int = 0, optimizer: torch.optim.Optimizer | None = None, autocast: bool = True,

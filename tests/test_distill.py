@@ -176,3 +176,17 @@ def test_reduced_draft_vocabulary_reports_a_meaningful_loss(taught):
     record = teacher_record(examples, alpha)
     assert 0.05 < record["drafter/teacher_off_vocab"] < 0.95
     assert "drafter/teacher_mass" not in record  # dense teachers
+
+
+def test_distillation_trains_when_called_under_no_grad(taught):
+    """A caller in a no-grad context (a test decorated with torch.no_grad that warm-starts a drafter)
+    still gets a trained drafter: distill enables gradients itself (it raised 'element 0 of tensors
+    does not require grad' before)."""
+    policy, pairs = taught
+    drafter = DRAFTERS.get("eagle3").build(policy, DRAFTERS.get("eagle3").Config())
+    examples = record_examples(policy, pairs, drafter, 0)
+    parts, vocab = target_parts(policy), policy.config.vocab_size
+    with torch.no_grad():
+        stats = distill(drafter, examples, parts, steps=10, k=3, loss="fkl", lr=3e-3, batch_size=16, vocab=vocab, autocast=False)
+        assert not torch.is_grad_enabled()  # the caller's mode is left as it was
+    assert stats.steps == 10 and stats.loss_last < stats.loss_first
