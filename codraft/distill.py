@@ -370,8 +370,7 @@ def distill(
     drafter: Drafter, examples: list[DistillExample], target: TargetParts, *, steps: int, k: int, loss: str, lr: float, batch_size: int, vocab: int,
     seed: int = 0, max_tokens: int = 0, optimizer: torch.optim.Optimizer | None = None, autocast: bool = True,
 ) -> DistillStats:
-    """Train `drafter` toward the policy distributions in `examples` for `steps` AdamW steps
-    (stopping early once `max_tokens` aligned positions were seen, if set)."""
+    """Train `drafter` toward `examples`' policy distributions for `steps` AdamW steps (fewer once `max_tokens` positions were seen, if set)."""
     t0 = time.perf_counter()
     if not examples:
         raise ValueError("no distillation examples")
