@@ -80,12 +80,13 @@ def goal_rows(runs: list[RunData]) -> list[GoalRow]:
     rows = []
     for name, seeds in by_config.items():
         paired = [s for s in seeds if s in ref and s in floor]
-        rows.append(GoalRow(
-            name, len(paired), t_interval(seeds[s][0] for s in paired),
-            t_interval(seeds[s][0] / ref[s][0] - 1 for s in paired),
-            t_interval(seeds[s][1] / ref[s][1] if ref[s][1] > 0 else float("nan") for s in paired),
-            t_interval(seeds[s][0] / floor[s][0] - 1 for s in paired),
-            t_interval(seeds[s][2] / ref[s][2] if ref[s][2] > 0 else float("nan") for s in paired)))
+
+        def ratio(i: int, base: dict[int, tuple[float, float, int]], minus: float = 0.0) -> Interval:
+            """t interval over the paired seeds of this configuration's field i / base's - minus."""
+            return t_interval(seeds[s][i] / base[s][i] - minus if base[s][i] > 0 else float("nan") for s in paired)
+
+        rows.append(GoalRow(name, len(paired), t_interval(seeds[s][0] for s in paired), ratio(0, ref, 1.0), ratio(1, ref),
+                            ratio(0, floor, 1.0), ratio(2, ref)))
     return rows
 
 
