@@ -1,6 +1,7 @@
 """`drift`: refresh when the serving drafter's teacher-forced acceptance against the *current*
 policy (measured on recent rollouts, without generating) has degraded by more than a threshold
-relative to its value right after the last refresh.
+relative to its value right after the last refresh (`baseline = "first"`) or to the highest value
+measured since then (`baseline = "peak"`).
 
 Unlike `threshold`, the signal does not depend on k or on what the engine happened to generate:
 it is 1 - TV(policy, drafter) (or the greedy-drafting acceptance), so it tracks policy drift directly.
@@ -23,6 +24,8 @@ class DriftConfig:
     """Refresh when the acceptance has fallen by more than this fraction of its post-refresh value."""
     min_interval: int = 2
     """Fewest steps between two refreshes."""
+    baseline: Literal["first", "peak"] = "first"
+    """What the fall is measured from: the first acceptance measured after the last refresh (`first`), or the highest since then (`peak`: RL that raises acceptance before a shift raises the floor with it)."""
 
 
 @REFRESH_POLICIES.register("drift")
@@ -37,7 +40,7 @@ class Drift(RefreshPolicy):
         if self.config.min_interval < 1:
             raise ConfigError(f"config key 'controller.args.min_interval' must be >= 1, got {self.config.min_interval!r}")
         self.baseline: float | None = None
-        """Acceptance first measured after the serving drafter was installed."""
+        """Acceptance first (or, with `baseline = "peak"`, at most) measured since the serving drafter was installed."""
         self.current: float | None = None
         """The latest measurement."""
         self.last_refresh: int | None = None
@@ -54,7 +57,7 @@ class Drift(RefreshPolicy):
         if math.isnan(value):
             return
         self.current = value
-        if self.baseline is None:
+        if self.baseline is None or (self.config.baseline == "peak" and value > self.baseline):
             self.baseline = value
 
     def decide(self) -> Decision:

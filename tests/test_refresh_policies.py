@@ -279,6 +279,26 @@ def test_drift_fires_when_teacher_forced_acceptance_drops(signal):
     assert fired == [False, False, False, False, True, True]  # 0.7 < 0.9 x 0.8; NaN = not measured
 
 
+def _drift_fires(args: dict, alphas: list[float], since: list[int] | None = None) -> list[bool]:
+    policy = make_refresh_policy("drift", {"min_interval": 1, **args})
+    fired = []
+    for step, alpha in enumerate(alphas):
+        steps_since = since[step] if since else step
+        policy.observe(Observation(step=step, alpha_serving=alpha, tv_serving=1 - alpha, steps_since_refresh=steps_since))
+        fired.append(policy.decide().refresh)
+    return fired
+
+
+def test_drift_peak_baseline_measures_the_fall_from_the_highest_acceptance_since_the_refresh():
+    # RL lifts acceptance from 0.80 to 0.90 before the shift: 0.79 is a 12% fall from the peak
+    # but only 1% below the first measurement.
+    rise_then_fall = [0.80, 0.85, 0.90, 0.88, 0.79, 0.70]
+    assert _drift_fires({"baseline": "first"}, rise_then_fall) == [False] * 5 + [True]  # 0.70 < 0.72
+    assert _drift_fires({"baseline": "peak"}, rise_then_fall) == [False] * 4 + [True, True]  # 0.79 < 0.81
+    # A new drafter starts a new peak: 0.70 after the refresh is its own baseline, not a fall from 0.90.
+    assert _drift_fires({"baseline": "peak"}, [0.90, 0.70, 0.70, 0.66], since=[0, 1, 0, 1]) == [False, True, False, False]
+
+
 def test_drift_fires_on_decaying_trace_and_not_on_flat():
     assert refresh_steps(Driver(trace("slow_decay")).run(make_refresh_policy("drift")))
     assert refresh_steps(Driver(trace("flat")).run(make_refresh_policy("drift"))) == []
