@@ -161,14 +161,29 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+POLICY_ARGS = "controller.args."
+"""Refresh-policy fields: a run's config holds only those it set, so among runs of one policy a
+missing field is that policy's default, a different configuration from one that set it."""
+
+
 def varying_keys(runs: Iterable[RunData], ignore: tuple[str, ...] = ("output.",)) -> list[str]:
     """Config keys whose value differs between the runs that have them (keys starting with `ignore`
-    left out; a key only some runs' configs hold, e.g. one added by a newer codraft, is not a difference)."""
+    left out; a key only some runs' configs hold, e.g. one added by a newer codraft, is not a
+    difference), and refresh-policy fields that some runs of one policy set and others do not."""
     flats = [flat_config(r.config) for r in runs]
     keys: list[str] = []
     for flat in flats:
         keys += [k for k in flat if k not in keys]
-    return [k for k in keys if not k.startswith(ignore) and len({repr(f[k]) for f in flats if k in f}) > 1]
+
+    def varies(key: str) -> bool:
+        if len({repr(f[key]) for f in flats if key in f}) > 1:
+            return True
+        if not key.startswith(POLICY_ARGS):
+            return False
+        policies = {f.get("controller.policy") for f in flats if key in f}
+        return any(key not in f for f in flats if f.get("controller.policy") in policies)
+
+    return [k for k in keys if not k.startswith(ignore) and varies(k)]
 
 
 SHORT_NAMES = {"num_speculative_tokens": "k", "policy": "policy", "kind": "kind"}

@@ -7,7 +7,7 @@ import pytest
 from test_analysis import write_run
 
 
-def drifting_run(run_dir: Path, policy: str, seed: int, steps: int = 24) -> Path:
+def drifting_run(run_dir: Path, policy: str, seed: int, steps: int = 24, overrides: tuple[str, ...] = ()) -> Path:
     """Acceptance length 2.5 - 2 * KL, KL growing 0.01 per step since the last swap (every_n: every step)."""
     records, since = [], 0
     for s in range(steps):
@@ -22,7 +22,7 @@ def drifting_run(run_dir: Path, policy: str, seed: int, steps: int = 24) -> Path
             "time/step_s": 1.0, "time/gen_s": 0.5,
         })
         since = 0 if decision == "swap" else since + 1
-    return write_run(run_dir, [f"controller.policy={policy}", "drafter.kind=eagle3", f"run.seed={seed}", f"run.steps={steps}"], records, {"eval/accuracy": 0.5})
+    return write_run(run_dir, [f"controller.policy={policy}", "drafter.kind=eagle3", f"run.seed={seed}", f"run.steps={steps}", *overrides], records, {"eval/accuracy": 0.5})
 
 
 def test_staleness_table_recovers_the_planted_slope_and_decay(tmp_path):
@@ -45,3 +45,17 @@ def test_staleness_table_recovers_the_planted_slope_and_decay(tmp_path):
     assert float(every[5].split()[0]) == pytest.approx(0.0, abs=1e-9)  # no decay when refreshed every step
     assert (tmp_path / "out" / "accept_len_vs_policy_kl.png").stat().st_size > 1000
     assert "Hardware:" in md.read_text() and math.isfinite(float(never[3].split()[0]))
+
+
+def test_runs_of_one_policy_with_and_without_a_policy_field_are_two_configurations(tmp_path):
+    """Two sweeps read together, `drift` and `drift` with `baseline = "peak"` (a field only the
+    second sets): two rows of two seeds each, not one row of four."""
+    from analysis.staleness import analyse
+
+    for seed in (0, 1):
+        drifting_run(tmp_path / "first" / f"policy-drift__seed-{seed}", "drift", seed)
+        drifting_run(tmp_path / "peak" / f"baseline-peak__seed-{seed}", "drift", seed, overrides=("controller.args.baseline=peak",))
+    md = analyse([tmp_path / "first", tmp_path / "peak"], tmp_path / "out").read_text()
+    table = [[c.strip() for c in r.split("|")[1:-1]] for r in md.splitlines() if r.startswith("| ")]
+    assert table[0][:2] == ["controller.args.baseline", "seeds"]
+    assert [row[:2] for row in table[1:]] == [["None", "2"], ["peak", "2"]], md  # None: the policy's default
