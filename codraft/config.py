@@ -233,6 +233,10 @@ class ControllerConfig:
     """Weight rollouts by exp(reward_weighting * reward) in distillation (0 = uniform)."""
     gate: bool = True
     """Swap a refreshed drafter in only if its teacher-forced acceptance beats the serving one's."""
+    gate_steps: int = 1
+    """Steps whose held-out gate groups the swap gate pools: the candidate is compared with the
+    serving drafter on the gate groups of the last `gate_steps` steps (none of them is ever trained
+    on). 1 = this step's alone (2 prompt groups at the default scale: a noisy gate)."""
     policy_kl: bool = True
     """Log `drafter/policy_kl`: KL of the current policy from the one the serving drafter was distilled
     against, on the held-out rollouts (keeps a CPU copy of the policy: for testbed-scale studies)."""
@@ -334,6 +338,7 @@ def validate(cfg: Config) -> None:
         ("controller.distill_steps", cfg.controller.distill_steps >= 1, "must be >= 1"),
         ("controller.buffer_steps", cfg.controller.buffer_steps >= 1, "must be >= 1"),
         ("controller.holdout_fraction", 0 < cfg.controller.holdout_fraction < 1, "must be in (0, 1)"),
+        ("controller.gate_steps", cfg.controller.gate_steps >= 1, "must be >= 1"),
         ("controller.teacher_top_k", cfg.controller.teacher_top_k >= -1, "must be >= -1 (-1 = automatic, 0 = the full distribution)"),
         ("controller.watchdog", 0 <= cfg.controller.watchdog < 1, "must be in [0, 1) (0 = off)"),
         ("controller.watchdog_patience", cfg.controller.watchdog_patience >= 1, "must be >= 1"),

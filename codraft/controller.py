@@ -247,10 +247,12 @@ class Controller:
         return {**out, **self.consider(candidate, timer)}
 
     def consider(self, candidate: Drafter, timer: StageTimer | None = None) -> dict[str, Any]:
-        """Gate `candidate` on the held-out gate groups (teacher-forced acceptance against the serving
-        drafter); swap it in if it is better. Both are reported on the report groups."""
+        """Gate `candidate` on the held-out gate groups of the last `controller.gate_steps` steps
+        (teacher-forced acceptance against the serving drafter); swap it in if it is better. Both are
+        reported on this step's report groups."""
         tf = lambda d, ex: teacher_forced_alpha(d, ex, self.policy.target_parts(), self.k, self.vocab) if ex else None  # noqa: E731
-        gate_before, gate_after = tf(self.serving, self.data.gate), tf(candidate, self.data.gate)
+        pool = self.data.gate_pool
+        gate_before, gate_after = tf(self.serving, pool), tf(candidate, pool)
         before, after = tf(self.serving, self.data.report), tf(candidate, self.data.report)
         out: dict[str, Any] = {
             "drafter/alpha_before": before.accept_len if before else math.nan,

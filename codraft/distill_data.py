@@ -10,7 +10,9 @@ candidate's training data. The held-out groups are split in two halves:
     report   `drafter/alpha_before` / `drafter/alpha_after` are measured here, on sequences the
              decision did not look at (measuring the winner where it was picked inflates it)
 
-Both halves together measure the serving drafter each step (`drafter/alpha_serving`, the drift
+The swap gate may pool the gate halves of the last `controller.gate_steps` steps (`gate_pool`):
+held-out groups never join the training buffer, so no candidate has seen any of them. Both halves
+of this step together measure the serving drafter each step (`drafter/alpha_serving`, the drift
 signal: no selection is involved there). The other groups join the training buffer of the last
 `controller.buffer_steps` steps. With fewer than three groups in a step the two halves are the
 same group (and with one group nothing is held out).
@@ -34,6 +36,8 @@ class DistillData:
         self.cfg = cfg
         self.buffer: deque[list[DistillExample]] = deque(maxlen=cfg.controller.buffer_steps)
         self.gate: list[DistillExample] = []
+        self.gates: deque[list[DistillExample]] = deque(maxlen=cfg.controller.gate_steps)
+        """The gate halves of the last `controller.gate_steps` steps (this step's last)."""
         self.report: list[DistillExample] = []
         self.pending: list[tuple[int, DistillExample]] = []
         """This step's (prompt group, example) pairs, recorded in the logprob stage."""
@@ -70,6 +74,12 @@ class DistillData:
         self.gate = [e for g, e in pending if g in gate_groups]
         self.report = [e for g, e in pending if g in report_groups]
         self.buffer.append([e for g, e in pending if g not in held])
+        self.gates.append(self.gate)
+
+    @property
+    def gate_pool(self) -> list[DistillExample]:
+        """What the swap gate decides on: the gate halves of the last `controller.gate_steps` steps."""
+        return [e for g in self.gates for e in g]
 
     @property
     def held_out(self) -> list[DistillExample]:
@@ -87,11 +97,13 @@ class DistillData:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": [list(b) for b in self.buffer], "gate": self.gate, "report": self.report}
+        return {"buffer": [list(b) for b in self.buffer], "gates": [list(g) for g in self.gates], "report": self.report}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffer = deque(state["buffer"], maxlen=self.cfg.controller.buffer_steps)
-        self.gate, self.report = state["gate"], state["report"]
+        gates = state["gates"] if "gates" in state else [state["gate"]]  # checkpoints before gate_steps held one step's
+        self.gates = deque(gates, maxlen=self.cfg.controller.gate_steps)
+        self.gate, self.report = (self.gates[-1] if self.gates else []), state["report"]
 
 
 def held_out_groups(n_groups: int, fraction: float) -> int:

@@ -93,6 +93,65 @@ def test_held_out_data_is_whole_prompt_groups_and_gate_and_report_differ(control
     assert len(gate | report) == 2  # a quarter of 8 groups
 
 
+def split_steps(data, steps: int, n_groups: int = 8) -> list[list]:
+    """Close `steps` steps of `n_groups` prompt groups (G sentinel examples each); each step's gate half."""
+    gates = []
+    for step in range(steps):
+        data.pending = [(g, object()) for g in range(n_groups) for _ in range(G)]
+        data.close_step(step)
+        gates.append(list(data.gate))
+    return gates
+
+
+def test_the_gate_pools_the_gate_halves_of_the_last_gate_steps_steps_none_trained_on(tiny_cfg):
+    import dataclasses
+
+    from codraft.distill_data import DistillData
+
+    cfg = dataclasses.replace(tiny_cfg, controller=dataclasses.replace(tiny_cfg.controller, gate_steps=3, buffer_steps=3, holdout_fraction=0.25))
+    data = DistillData(cfg)
+    gates = split_steps(data, 4)
+    pool = data.gate_pool
+    assert [id(e) for e in pool] == [id(e) for g in gates[1:] for e in g]  # steps 1-3: step 0 has left
+    assert len(pool) == 3 * G  # one gate group a step (2 of 8 groups held out)
+    trained = {id(e) for e in data.training()}
+    assert not trained & {id(e) for e in pool} and not {id(e) for e in data.report} & {id(e) for e in pool}
+    assert [id(e) for e in data.held_out] == [id(e) for e in gates[-1] + data.report]  # the drift signal: this step only
+
+    resumed = DistillData(cfg)
+    resumed.load_state_dict(data.state_dict())
+    assert [id(e) for e in resumed.gate_pool] == [id(e) for e in pool] and resumed.gate is resumed.gates[-1]
+    old = DistillData(cfg)  # a checkpoint written before gate_steps: one step's gate
+    old.load_state_dict({"buffer": [], "gate": gates[-1], "report": data.report})
+    assert [id(e) for e in old.gate_pool] == [id(e) for e in gates[-1]] == [id(e) for e in old.gate]
+
+    single = DistillData(tiny_cfg)  # gate_steps = 1: this step's gate groups, as before
+    split_steps(single, 3)
+    assert single.gate_pool == single.gate and len(single.gate) == G
+
+
+def test_the_swap_is_decided_on_the_pooled_gate_and_reported_on_this_steps_report(controller, monkeypatch):
+    import dataclasses
+
+    import codraft.controller as controller_module
+
+    c, policy = controller
+    c.cfg = dataclasses.replace(c.cfg, controller=dataclasses.replace(c.cfg.controller, gate_steps=2))
+    c.data = controller_module.DistillData(c.cfg)
+    seen = []
+    real = controller_module.teacher_forced_alpha
+    monkeypatch.setattr(controller_module, "teacher_forced_alpha", lambda d, ex, *a: seen.append([id(e) for e in ex]) or real(d, ex, *a))
+    gates = []
+    for step in range(2):
+        record_step(c, policy, 8, seed=step)
+        c.after_step(step, PROMPTS, step_generation(8, stats(0.6, 3, 40)), StageTimer())
+        gates.append([id(e) for e in c.data.gate])
+    seen.clear()
+    c.consider(c.serving)
+    pooled, report = gates[0] + gates[1], [id(e) for e in c.data.report]
+    assert seen == [pooled, pooled, report, report]  # serving and candidate on both gate halves, then on the report half
+
+
 def test_the_cost_model_is_asked_about_a_fresh_drafter(controller):
     """Issue 16: Observation.predicted_gen_s_fresh was never filled, so cost_benefit never used the cost model."""
     c, policy = controller
