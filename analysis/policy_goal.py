@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.runs import RunData, find_run_dirs, load_run, read_hardware, summarize
+from analysis.runs import ABSENT_MEANS, POLICY_ARGS, RunData, find_run_dirs, load_run, read_hardware, summarize, varying_keys
 from analysis.stats import Interval, t_interval
 from analysis.tables import hardware_note
 
@@ -33,11 +33,18 @@ WITHIN, COST, ABOVE = -0.05, 0.30, 0.15
 acceptance against the floor >= ABOVE."""
 
 
-def label(run: RunData) -> str:
-    """`policy` or `policy (key=value, ...)` with the controller.args the run set."""
-    args = run.config.get("controller", {}).get("args", {})
+def label(run: RunData, keys: list[str] = ()) -> str:
+    """`policy` or `policy (key=value, ...)` with the controller.args the run set and the other
+    controller fields among `keys` (those that vary between the runs compared), each left out where
+    it holds the value runs had before the field existed (`ABSENT_MEANS`: gate_steps = 1)."""
+    args = dict(sorted(run.config.get("controller", {}).get("args", {}).items()))
+    for key in keys:
+        if key.startswith("controller.") and not key.startswith(POLICY_ARGS) and key != "controller.policy":
+            value = run.config_value(key, ABSENT_MEANS.get(key))
+            if key not in ABSENT_MEANS or value != ABSENT_MEANS[key]:
+                args[key.removeprefix("controller.")] = value
     policy = run.config_value("controller.policy", "?")
-    return f"{policy} ({', '.join(f'{k}={v}' for k, v in sorted(args.items()))})" if args else policy
+    return f"{policy} ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else policy
 
 
 @dataclass(frozen=True)
@@ -68,14 +75,15 @@ class GoalRow:
 def goal_rows(runs: list[RunData]) -> list[GoalRow]:
     """One row per configuration (the reference's and the floor's included), in first-seen order."""
     by_config: dict[str, dict[int, tuple[float, float, int]]] = {}
+    runs = [r for r in runs if r.finished]
+    keys = varying_keys(runs)
     for run in runs:
-        if not run.finished:
-            continue
         s = summarize(run)
-        by_config.setdefault(label(run), {})[int(run.config_value("run.seed", 0))] = (s.accept_len_mean, s.distill_swap_s, s.swaps + s.refusals)
+        by_config.setdefault(label(run, keys), {})[int(run.config_value("run.seed", 0))] = (s.accept_len_mean, s.distill_swap_s, s.swaps + s.refusals)
     for name in (REFERENCE, FLOOR):
         if name not in by_config:
-            raise ValueError(f"no finished `{name}` run among the runs given: the goal is measured against `{REFERENCE}` and `{FLOOR}` of the same seeds")
+            raise ValueError(f"no finished `{name}` run among the runs given (configurations: {', '.join(f'`{c}`' for c in by_config)}): "
+                             f"the goal is measured against `{REFERENCE}` and `{FLOOR}` of the same seeds")
     ref, floor = by_config[REFERENCE], by_config[FLOOR]
     rows = []
     for name, seeds in by_config.items():

@@ -166,14 +166,22 @@ POLICY_ARGS = "controller.args."
 missing field is that policy's default, a different configuration from one that set it."""
 
 
+ABSENT_MEANS: dict[str, Any] = {"controller.gate_steps": 1}
+"""Config fields added after some runs were written, with the value those older runs ran with: a run
+whose config.toml lacks one is read as having it (analysis compares it with newer runs that set it)."""
+
+
 def varying_keys(runs: Iterable[RunData], ignore: tuple[str, ...] = ("output.",)) -> list[str]:
-    """Config keys whose value differs between the runs that have them (keys starting with `ignore`
-    left out; a key only some runs' configs hold, e.g. one added by a newer codraft, is not a
-    difference), and refresh-policy fields that some runs of one policy set and others do not."""
-    flats = [flat_config(r.config) for r in runs]
+    """Config keys whose value differs between runs (keys starting with `ignore` left out), and
+    refresh-policy fields that some runs of one policy set and others do not. A field a run's config
+    lacks reads as its `ABSENT_MEANS` value when it has one (runs from before
+    `controller.gate_steps` gated like gate_steps = 1); any other field only some runs hold is
+    compared among those runs."""
+    own = [flat_config(r.config) for r in runs]
     keys: list[str] = []
-    for flat in flats:
+    for flat in own:
         keys += [k for k in flat if k not in keys]
+    flats = [{**ABSENT_MEANS, **flat} if flat else {} for flat in own]
 
     def varies(key: str) -> bool:
         if len({repr(f[key]) for f in flats if key in f}) > 1:

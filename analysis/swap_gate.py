@@ -11,7 +11,7 @@ most candidates are better, swapping every one agrees as often, so the table set
 agreement beside that of always swapping, and tests whether the gate's choice carries information
 about the report groups' verdict: the share of candidates better on the report groups among those
 it swapped and among those it refused, and Fisher's exact test (two-sided) on that 2 x 2 table.
-Per configuration (`controller.policy` + `controller.args` + `controller.gate_steps`) and over
+Per configuration (`controller.policy`, its `controller.args`, and other controller fields that vary, e.g. `gate_steps`) and over
 all runs given. Refreshes whose distillation failed (no `drafter/alpha_after`) and runs with
 `controller.gate = false` are left out.
 """
@@ -26,15 +26,10 @@ from pathlib import Path
 from scipy.stats import binomtest, fisher_exact
 
 from analysis.policy_goal import label
-from analysis.runs import RunData, find_run_dirs, load_run, number, read_hardware
+from analysis.runs import RunData, find_run_dirs, load_run, number, read_hardware, varying_keys
 from analysis.tables import hardware_note
 
 ALL = "all runs"
-
-
-def config_label(run: RunData) -> str:
-    steps = run.config_value("controller.gate_steps", 1)
-    return label(run) + (f" · gate_steps={steps}" if steps != 1 else "")
 
 
 def gated_decisions(run: RunData) -> list[tuple[bool, bool]]:
@@ -78,11 +73,12 @@ def gate_rows(runs: list[RunData]) -> list[GateRow]:
     """One row per configuration (first-seen order), then the pooled row."""
     by_config: dict[str, Counter] = {}
     total: Counter = Counter()
+    keys = varying_keys(runs)
     for run in runs:
         decisions = Counter(gated_decisions(run))
         if not decisions:
             continue
-        by_config.setdefault(config_label(run), Counter()).update(decisions)
+        by_config.setdefault(label(run, keys), Counter()).update(decisions)
         total.update(decisions)
     if not total:
         raise ValueError("no gated refresh among the runs given (no swap or refuse with drafter/alpha_before and drafter/alpha_after)")

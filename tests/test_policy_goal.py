@@ -55,3 +55,28 @@ def test_a_missing_reference_is_named(tmp_path):
     constant_run(tmp_path, "drift", 0, 2.4, {2})
     with pytest.raises(ValueError, match="no finished `every_n` run"):
         main([tmp_path])
+
+
+def test_a_controller_field_that_older_runs_lack_reads_as_their_value_and_separates_configurations(tmp_path):
+    """Runs from before `controller.gate_steps` (no such line in config.toml) gated like gate_steps = 1:
+    they pair with newer gate_steps = 1 runs and are apart from gate_steps = 3 ones (were pooled before)."""
+    from analysis.policy_goal import main
+    from analysis.runs import find_run_dirs, load_run, varying_keys
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for seed in (0, 1):
+        constant_run(old, "never", seed, 2.0, set())
+        run = constant_run(old, "every_n", seed, 2.5, set(range(8)))
+        config = run / "config.toml"
+        config.write_text("\n".join(line for line in config.read_text().splitlines() if not line.startswith("gate_steps")))
+        assert "gate_steps" not in load_run(run).config["controller"]
+        constant_run(new, "every_n", seed, 2.4, set(range(8)), steps=8)
+    for run in find_run_dirs(new):
+        config = run / "config.toml"
+        config.write_text(config.read_text().replace("gate_steps = 1", "gate_steps = 3"))
+    runs = [load_run(d) for p in (old, new) for d in find_run_dirs(p)]
+    assert "controller.gate_steps" in varying_keys(runs)
+    assert "controller.gate_steps" not in varying_keys([load_run(d) for d in find_run_dirs(old)])
+    rows = cells(main([old, new]))
+    assert set(rows) == {"never", "every_n", "every_n (gate_steps=3)"}
+    assert rows["every_n (gate_steps=3)"][3].startswith("-4.0% [-4.0%, -4.0%]")  # 2.4 against the old every_n's 2.5
