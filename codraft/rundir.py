@@ -76,4 +76,21 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
     if (run_dir / "metrics.jsonl").exists() and any(r.get("final") for r in read_jsonl(run_dir / "metrics.jsonl")):
         if checkpoint.last_step(run_dir) >= cfg.run.steps - 1:
             raise FileExistsError(f"--resume {run_dir}: the run already finished all {cfg.run.steps} steps (raise run.steps to continue it)")
+    check_lr_left(run_dir, cfg)
     checkpoint.check_world_size(run_dir, world_size, sharded=world_size > 1 and cfg.dist.strategy == "fsdp")
+
+
+def check_lr_left(run_dir: Path, cfg: Config) -> None:
+    """A cosine learning rate reaches 0 at the run's last planned step and a resume continues it from
+    there (codraft/grpo.py, LRSchedule): a run that got there, resumed with more steps, would train
+    nothing in them. Refused before anything is written."""
+    from codraft.configfile import config_from_toml
+
+    planned = config_from_toml(run_dir / "config.toml").run.steps
+    done = checkpoint.last_step(run_dir) + 1
+    if cfg.grpo.lr_decay == "cosine" and cfg.run.steps > planned and done >= planned:
+        raise ConfigError(
+            f"--resume {run_dir} --set run.steps={cfg.run.steps}: the run's cosine learning rate (grpo.lr_decay) reached 0 at its "
+            f"last planned step ({planned} steps, all done), so the {cfg.run.steps - planned} added steps would not train the policy; "
+            f"start a new run with run.steps={cfg.run.steps} instead (a run meant to be extended uses grpo.lr_decay=constant)"
+        )

@@ -91,3 +91,30 @@ def test_resume_of_a_run_without_a_checkpoint_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no checkpoint there" in err and "checkpoints/latest" in err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing appended, nothing lost
+
+
+def test_extending_a_finished_cosine_run_is_refused_untouched(tmp_path, capsys):
+    """Its learning rate reached 0 at the last step and a resume continues from there: the added steps
+    trained nothing, silently (train/lr 0.0 from step 30 of a 30-step run resumed with run.steps=60)."""
+    from codraft.cli import main
+    from codraft.configfile import load_config, write_config
+    from codraft.rundir import check_resumable
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(load_config("smoke", overrides=["grpo.lr_decay=cosine", "run.steps=4"]), run / "config.toml")
+    for step in range(4):
+        checkpoint.save(run, step, {"box": Box(float(step))})
+    (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "reward/mean": 0.5}}\n' for s in range(4)) + '{"step": 4, "final": true}\n')
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["run", "--resume", str(run), "--set", "run.steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert "cosine learning rate" in err and "reached 0" in err and "4 added steps would not train" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # config.toml still says 4 steps
+
+    constant = load_config("smoke", overrides=["run.steps=8"])  # a constant rate: the extension trains
+    write_config(load_config("smoke", overrides=["run.steps=4"]), run / "config.toml")
+    check_resumable(run, constant)
+    cut = load_config("smoke", overrides=["grpo.lr_decay=cosine", "run.steps=8"])  # killed before its last step: the rate is continued, not 0
+    write_config(load_config("smoke", overrides=["grpo.lr_decay=cosine", "run.steps=6"]), run / "config.toml")
+    check_resumable(run, cut)
