@@ -20,6 +20,7 @@ The runs given should share one scenario; the table names the machines they ran 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ WITHIN, COST, ABOVE = -0.05, 0.30, 0.15
 acceptance against the floor >= ABOVE."""
 
 
-def label(run: RunData, keys: list[str] = ()) -> str:
+def label(run: RunData, keys: Sequence[str] = ()) -> str:
     """`policy` or `policy (key=value, ...)` with the controller.args the run set and the other
     controller fields among `keys` (those that vary between the runs compared), each left out where
     it holds the value runs had before the field existed (`ABSENT_MEANS`: gate_steps = 1)."""

@@ -206,7 +206,7 @@ def short_key(key: str) -> str:
 def run_label(run: RunData, keys: list[str]) -> str:
     """`policy=threshold k=3` from the given config keys (those the run lacks left out); the directory
     name when that leaves nothing."""
-    parts = [f"{short_key(k)}={run.config_value(k)}" for k in keys if run.config_value(k) is not None]
+    parts = [f"{short_key(k)}={run.config_value(k, ABSENT_MEANS.get(k))}" for k in keys if run.config_value(k, ABSENT_MEANS.get(k)) is not None]
     return " ".join(parts) if parts else run.name
 
 

@@ -11,8 +11,9 @@ most candidates are better, swapping every one agrees as often, so the table set
 agreement beside that of always swapping, and tests whether the gate's choice carries information
 about the report groups' verdict: the share of candidates better on the report groups among those
 it swapped and among those it refused, and Fisher's exact test (two-sided) on that 2 x 2 table.
-Per configuration (`controller.policy`, its `controller.args`, and other controller fields that vary, e.g. `gate_steps`) and over
-all runs given. Refreshes whose distillation failed (no `drafter/alpha_after`) and runs with
+Per configuration (`controller.policy`, its `controller.args`, and other controller fields
+that vary, e.g. `gate_steps`) and over all runs given. Decisions are pooled as if independent,
+though consecutive refreshes of one run share a serving drafter: read p as a screen. Refreshes whose distillation failed (no `drafter/alpha_after`) and runs with
 `controller.gate = false` are left out.
 """
 from __future__ import annotations

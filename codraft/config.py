@@ -236,7 +236,8 @@ class ControllerConfig:
     gate_steps: int = 1
     """Steps whose held-out gate groups the swap gate pools: the candidate is compared with the
     serving drafter on the gate groups of the last `gate_steps` steps (none of them is ever trained
-    on). 1 = this step's alone (2 prompt groups at the default scale: a noisy gate)."""
+    on). 1 = this step's alone (2 prompt groups at the default scale: a noisy gate). Above 1 the pool
+    holds groups on which the serving drafter itself won its swap, which favours it (selection)."""
     policy_kl: bool = True
     """Log `drafter/policy_kl`: KL of the current policy from the one the serving drafter was distilled
     against, on the held-out rollouts (keeps a CPU copy of the policy: for testbed-scale studies)."""

@@ -35,7 +35,6 @@ class DistillData:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.buffer: deque[list[DistillExample]] = deque(maxlen=cfg.controller.buffer_steps)
-        self.gate: list[DistillExample] = []
         self.gates: deque[list[DistillExample]] = deque(maxlen=cfg.controller.gate_steps)
         """The gate halves of the last `controller.gate_steps` steps (this step's last)."""
         self.report: list[DistillExample] = []
@@ -71,10 +70,14 @@ class DistillData:
         gate_groups = set(groups[: (n_hold + 1) // 2])
         report_groups = set(groups[(n_hold + 1) // 2 : n_hold]) or gate_groups
         held = gate_groups | report_groups
-        self.gate = [e for g, e in pending if g in gate_groups]
+        self.gates.append([e for g, e in pending if g in gate_groups])
         self.report = [e for g, e in pending if g in report_groups]
         self.buffer.append([e for g, e in pending if g not in held])
-        self.gates.append(self.gate)
+
+    @property
+    def gate(self) -> list[DistillExample]:
+        """This step's gate half."""
+        return self.gates[-1] if self.gates else []
 
     @property
     def gate_pool(self) -> list[DistillExample]:
@@ -103,7 +106,7 @@ class DistillData:
         self.buffer = deque(state["buffer"], maxlen=self.cfg.controller.buffer_steps)
         gates = state["gates"] if "gates" in state else [state["gate"]]  # checkpoints before gate_steps held one step's
         self.gates = deque(gates, maxlen=self.cfg.controller.gate_steps)
-        self.gate, self.report = (self.gates[-1] if self.gates else []), state["report"]
+        self.report = state["report"]
 
 
 def held_out_groups(n_groups: int, fraction: float) -> int:

@@ -65,7 +65,7 @@ def minibatch_split(n_rows: int, n_minis: int, seed: int, step: int) -> list[lis
 
 
 class LRSchedule:
-    """The learning-rate scale per step: constant, or cosine decay to 0 at the run's last step.
+    """The learning-rate scale per step: constant, or cosine decay to 0 just after the run's last step.
 
     The decay is anchored: when a resumed run changes its number of steps, the scale continues from
     where it was and decays to 0 at the new last step (recomputing the cosine over the new length

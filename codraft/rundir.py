@@ -81,16 +81,18 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
 
 
 def check_lr_left(run_dir: Path, cfg: Config) -> None:
-    """A cosine learning rate reaches 0 at the run's last planned step and a resume continues it from
-    there (codraft/grpo.py, LRSchedule): a run that got there, resumed with more steps, would train
-    nothing in them. Refused before anything is written."""
+    """A cosine learning rate reaches 0 just after the run's last planned step and a resume continues
+    it from there (codraft/grpo.py, LRSchedule): a run that finished, resumed with more steps, would
+    train nothing in them. Refused before anything is written. The planned steps are config.toml's,
+    which a resume rewrites at start: an extension that died before its first checkpoint is not
+    caught (its checkpoint's schedule still ends at the old length)."""
     from codraft.configfile import config_from_toml
 
     planned = config_from_toml(run_dir / "config.toml").run.steps
     done = checkpoint.last_step(run_dir) + 1
     if cfg.grpo.lr_decay == "cosine" and cfg.run.steps > planned and done >= planned:
         raise ConfigError(
-            f"--resume {run_dir} --set run.steps={cfg.run.steps}: the run's cosine learning rate (grpo.lr_decay) reached 0 at its "
+            f"--resume {run_dir} --set run.steps={cfg.run.steps}: the run's cosine learning rate (grpo.lr_decay) reached 0 after its "
             f"last planned step ({planned} steps, all done), so the {cfg.run.steps - planned} added steps would not train the policy; "
             f"start a new run with run.steps={cfg.run.steps} instead (a run meant to be extended uses grpo.lr_decay=constant)"
         )

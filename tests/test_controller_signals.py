@@ -16,7 +16,7 @@ from codraft.drafter import DRAFTERS, target_parts
 from codraft.engine import Completion, Generation
 from codraft.metrics import StageTimer
 from codraft.refresh import REFRESH_POLICIES, Decision, RefreshPolicy
-from tests_helpers import tiny_policy
+from tests_helpers import scratch_registry, tiny_policy
 
 G = 4  # group size
 PROMPTS = [[1, 2, 3 + i] for i in range(8)]  # the step's prompts (what a suffix drafter indexes)
@@ -43,7 +43,8 @@ class Recorder(RefreshPolicy):
 def controller(tmp_path, tiny_cfg, monkeypatch):
     import dataclasses
 
-    monkeypatch.setattr(REFRESH_POLICIES, "_items", {**REFRESH_POLICIES._items, "recorder": Recorder})
+    scratch_registry(monkeypatch, REFRESH_POLICIES)
+    REFRESH_POLICIES.register("recorder")(Recorder)
     Recorder.refresh_now = False
     policy = tiny_policy()
     cfg = dataclasses.replace(
@@ -120,7 +121,7 @@ def test_the_gate_pools_the_gate_halves_of_the_last_gate_steps_steps_none_traine
 
     resumed = DistillData(cfg)
     resumed.load_state_dict(data.state_dict())
-    assert [id(e) for e in resumed.gate_pool] == [id(e) for e in pool] and resumed.gate is resumed.gates[-1]
+    assert [id(e) for e in resumed.gate_pool] == [id(e) for e in pool] and [id(e) for e in resumed.gate] == [id(e) for e in gates[-1]]
     old = DistillData(cfg)  # a checkpoint written before gate_steps: one step's gate
     old.load_state_dict({"buffer": [], "gate": gates[-1], "report": data.report})
     assert [id(e) for e in old.gate_pool] == [id(e) for e in gates[-1]] == [id(e) for e in old.gate]

@@ -15,7 +15,7 @@ import torch
 from codraft.distill import distill, distill_loss, teacher_forced_alpha
 from codraft.drafter import DRAFTERS, DrafterMismatch, load_drafter, target_parts
 from codraft.warmstart import record_examples
-from tests_helpers import counting_pairs, tiny_policy
+from tests_helpers import counting_pairs, scratch_registry, tiny_policy
 from tests_helpers import taught_policy as teach
 
 KINDS = DRAFTERS.names()
@@ -196,7 +196,7 @@ def test_readme_example_registers_and_meets_the_contract(policy, taught_policy, 
     (package / "__init__.py").write_text("")
     (package / f"{name}.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(DRAFTERS, "_items", dict(DRAFTERS._items))  # registration undone afterwards
+    scratch_registry(monkeypatch, DRAFTERS)  # registration undone afterwards
     try:
         importlib.import_module(f"readme_drafters.{name}")
         assert name in DRAFTERS.names()

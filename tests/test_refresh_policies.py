@@ -26,6 +26,7 @@ from codraft.costmodel import CostModel, KSchedule, k_at, tokens_per_verify
 from codraft.refresh import REFRESH_POLICIES, Decision, Observation, RefreshPolicy, make_refresh_policy
 from codraft.registry import UnknownNameError
 from codraft.refresh import describe_policies
+from tests_helpers import scratch_registry
 
 K = 3
 LENGTHS = tuple(random.Random(0).randint(8, 192) for _ in range(32))
@@ -444,7 +445,7 @@ def test_readme_example_registers_and_meets_the_contract(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("")
     (package / f"{name}.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(REFRESH_POLICIES, "_items", dict(REFRESH_POLICIES._items))  # registration undone afterwards
+    scratch_registry(monkeypatch, REFRESH_POLICIES)  # registration undone afterwards
     try:
         importlib.import_module(f"readme_policies.{name}")
         assert name in REFRESH_POLICIES.names()

@@ -17,6 +17,7 @@ import tomli_w
 from codraft.config import ConfigError, TaskConfig
 from codraft.configfile import from_dict, load_config, section_fields, to_dict
 from codraft.task import TASKS, MixedTask, Score, SyntheticTask, describe_tasks, final_answer, make_task
+from tests_helpers import scratch_registry
 
 DATA = Path(__file__).parent / "data"
 README = Path(__file__).resolve().parents[1] / "codraft" / "tasks" / "README.md"
@@ -311,7 +312,7 @@ def test_readme_example_registers_and_meets_the_contract(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("")
     (package / f"{name}.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(TASKS, "_items", dict(TASKS._items))  # registration undone afterwards
+    scratch_registry(monkeypatch, TASKS)  # registration undone afterwards
     try:
         importlib.import_module(f"readme_tasks.{name}")
         assert name in TASKS.names()

@@ -42,3 +42,11 @@ def taught_policy(pairs, steps: int = 60):
 def tiny_checkpoint(path: Path) -> Path:
     tiny_policy().save_pretrained(path)
     return path
+
+
+def scratch_registry(monkeypatch, registry) -> None:
+    """Let a test register plug-ins into `registry` and have them undone afterwards. The built-in
+    plug-ins are discovered first: discovered into the scratch copy, they would go with it, and every
+    later test in the process would find the registry empty (its discovery already done)."""
+    registry.names()
+    monkeypatch.setattr(registry, "_items", dict(registry._items))

@@ -78,7 +78,8 @@ def test_distilled_drafter_raises_acceptance_after_swap(run):
     r.parts.trainer.score(batch, on_forward=c.on_policy_forward(None))
     examples = [e for _, e in c.data.pending]
     c.data.pending = []
-    c.data.gate, c.data.report = examples[:8], examples[8:16]  # the gate decides; the report measures
+    c.data.gates.append(examples[:8])  # the gate decides (gate_steps = 1: this step's half alone)
+    c.data.report = examples[8:16]  # the report measures
     c.data.buffer.append(examples[16:])
     candidate = copy.deepcopy(c.serving)
     from codraft.distill import distill, teacher_forced_alpha
