@@ -19,12 +19,11 @@ The runs given should share one scenario; the table names the machines they ran 
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.runs import ABSENT_MEANS, POLICY_ARGS, RunData, find_run_dirs, load_run, read_hardware, summarize, varying_keys
+from analysis.runs import ABSENT_MEANS, POLICY_ARGS, RunData, find_run_dirs, load_run, paths_cli, read_hardware, summarize, varying_keys
 from analysis.stats import Interval, t_interval
 from analysis.tables import hardware_note
 
@@ -129,11 +128,4 @@ def main(paths: list[Path]) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories of one scenario")
-    try:
-        print(main(parser.parse_args().paths))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    paths_cli(__doc__, main)

@@ -19,7 +19,6 @@ though consecutive refreshes of one run share a serving drafter: read p as a scr
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 from scipy.stats import binomtest, fisher_exact
 
 from analysis.policy_goal import label
-from analysis.runs import RunData, find_run_dirs, load_run, number, read_hardware, varying_keys
+from analysis.runs import RunData, find_run_dirs, load_run, number, paths_cli, read_hardware, varying_keys
 from analysis.tables import hardware_note
 
 ALL = "all runs"
@@ -103,11 +102,4 @@ def main(paths: list[Path]) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories")
-    try:
-        print(main(parser.parse_args().paths))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    paths_cli(__doc__, main)
