@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.runs import ABSENT_MEANS, POLICY_ARGS, RunData, find_run_dirs, load_run, paths_cli, read_hardware, summarize, varying_keys
+from analysis.cli import paths_cli
+from analysis.runs import ABSENT_MEANS, POLICY_ARGS, RunData, find_run_dirs, load_run, read_hardware, summarize, varying_keys
 from analysis.stats import Interval, t_interval
 from analysis.tables import hardware_note
 

@@ -21,7 +21,7 @@ import statistics
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from codraft.acceptance import AcceptanceStats
 from codraft.io import read_jsonl
@@ -389,16 +389,3 @@ def summary_row(s: RunSummary) -> dict[str, Any]:
     row.update({"eval_first": s.eval_first, "eval_last": s.eval_last, "reward_first": s.reward_first, "reward_last": s.reward_last})
     return row
 
-
-def paths_cli(doc: str, main: Callable[[list[Path]], str]) -> None:
-    """The command line of an analysis module that reads run or sweep directories: prints
-    `main(paths)`; a bad path or unusable runs exit with the error's message."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories")
-    try:
-        print(main(parser.parse_args().paths))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from scipy.stats import binomtest, fisher_exact
 
+from analysis.cli import paths_cli
 from analysis.policy_goal import label
-from analysis.runs import RunData, find_run_dirs, load_run, number, paths_cli, read_hardware, varying_keys
+from analysis.runs import RunData, find_run_dirs, load_run, number, read_hardware, varying_keys
 from analysis.tables import hardware_note
 
 ALL = "all runs"
