@@ -166,7 +166,7 @@ POLICY_ARGS = "controller.args."
 missing field is that policy's default, a different configuration from one that set it."""
 
 
-ABSENT_MEANS: dict[str, Any] = {"controller.gate_steps": 1}
+ABSENT_MEANS: dict[str, Any] = {"controller.gate_steps": 1, "controller.gate_margin": 0.0}
 """Config fields added after some runs were written, with the value those older runs ran with: a run
 whose config.toml lacks one is read as having it (analysis compares it with newer runs that set it)."""
 

@@ -15,6 +15,14 @@ Per configuration (`controller.policy`, its `controller.args`, and other control
 that vary, e.g. `gate_steps`) and over all runs given. Decisions are pooled as if independent,
 though consecutive refreshes of one run share a serving drafter: read p as a screen. Refreshes whose distillation failed (no `drafter/alpha_after`) and runs with
 `controller.gate = false` are left out.
+
+Runs that log the gate's own numbers (`drafter/gate_before`, `drafter/gate_after`) get a second
+table: what other swap rules would have decided on the same refreshes. A rule with margin m swaps
+unless the candidate's gate acceptance is more than m below the serving drafter's
+(`controller.gate_margin`); each rule is scored by its agreement with the report groups and by the
+report groups' relative gain of the drafter it leaves serving (after / before - 1 when it swaps,
+0 when it refuses), per decision, with a 95% t interval. A screen: a different decision would
+change the run's later refreshes, which this cannot see.
 """
 from __future__ import annotations
 
@@ -28,9 +36,12 @@ from scipy.stats import binomtest, fisher_exact
 from analysis.cli import paths_cli
 from analysis.policy_goal import label
 from analysis.runs import RunData, find_run_dirs, load_run, number, read_hardware, varying_keys
+from analysis.stats import t_interval
 from analysis.tables import hardware_note
 
 ALL = "all runs"
+MARGINS = (0.0, 0.02, 0.05, 0.1)
+"""Gate margins the counterfactual table scores (`controller.gate_margin`)."""
 
 
 def gated_decisions(run: RunData) -> list[tuple[bool, bool]]:
@@ -43,6 +54,40 @@ def gated_decisions(run: RunData) -> list[tuple[bool, bool]]:
         if r.get("controller/decision") in ("swap", "refuse") and before is not None and after is not None and math.isfinite(before) and math.isfinite(after):
             out.append((r["controller/decision"] == "swap", after > before))
     return out
+
+
+def gate_readings(run: RunData) -> list[tuple[float, float, float, float]]:
+    """(gate before, gate after, report before, report after) acceptance lengths of each gated
+    refresh that logged the gate's own numbers."""
+    if run.config_value("controller.gate", True) is False:
+        return []
+    keys = ("drafter/gate_before", "drafter/gate_after", "drafter/alpha_before", "drafter/alpha_after")
+    out = []
+    for r in run.steps:
+        values = [number(r.get(k)) for k in keys]
+        if r.get("controller/decision") in ("swap", "refuse") and all(v is not None and math.isfinite(v) for v in values):
+            out.append(tuple(values))
+    return out
+
+
+def margin_table(runs: list[RunData]) -> list[str]:
+    """Markdown lines scoring swap rules by margin, always swapping and the report groups' own choice
+    on the refreshes of `runs` that logged the gate's numbers (no lines when none did)."""
+    readings = [x for run in runs for x in gate_readings(run)]
+    if not readings:
+        return []
+    rules = [(f"margin {m:g}", lambda gb, ga, m=m: ga > (1 - m) * gb) for m in MARGINS] + [("always swap", lambda gb, ga: True)]
+    head = ["rule", "swaps", "agree with report", "report gain per decision [95% CI]"]
+    lines = ["", f"Other swap rules on the same {len(readings)} refreshes (runs that log the gate's numbers; per decision, a screen):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, swaps in rules:
+        chosen = [swaps(gb, ga) for gb, ga, _, _ in readings]
+        agree = sum(s == (a > b) for s, (_, _, b, a) in zip(chosen, readings))
+        gain = t_interval([a / b - 1 if s else 0.0 for s, (_, _, b, a) in zip(chosen, readings)])
+        lines.append(f"| {name} | {sum(chosen)} | {agree / len(readings):.0%} | {gain.mean:+.2%} [{gain.low:+.2%}, {gain.high:+.2%}] |")
+    best = t_interval([max(a / b - 1, 0.0) for _, _, b, a in readings])
+    lines.append(f"| the report groups' own choice (a bound) | {sum(a > b for _, _, b, a in readings)} | 100% | {best.mean:+.2%} |")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -99,7 +144,8 @@ def markdown(rows: list[GateRow], hardware: str) -> str:
 
 def main(paths: list[Path]) -> str:
     dirs = [d for p in paths for d in find_run_dirs(p)]
-    return markdown(gate_rows([load_run(d) for d in dirs]), hardware_note({d.name: read_hardware(d) for d in dirs}))
+    runs = [load_run(d) for d in dirs]
+    return "\n".join([markdown(gate_rows(runs), hardware_note({d.name: read_hardware(d) for d in dirs}))] + margin_table(runs))
 
 
 if __name__ == "__main__":

@@ -233,6 +233,10 @@ class ControllerConfig:
     """Weight rollouts by exp(reward_weighting * reward) in distillation (0 = uniform)."""
     gate: bool = True
     """Swap a refreshed drafter in only if its teacher-forced acceptance beats the serving one's."""
+    gate_margin: float = 0.0
+    """Swap a candidate unless its gate acceptance length falls more than this fraction below the
+    serving drafter's (0 = it must beat it; 0.05 refuses only candidates over 5% worse). The gate
+    decides on few prompt groups: a margin trades refusals of good candidates for swaps of bad ones."""
     gate_steps: int = 1
     """Steps whose held-out gate groups the swap gate pools: the candidate is compared with the
     serving drafter on the gate groups of the last `gate_steps` steps (none of them is ever trained
@@ -340,6 +344,7 @@ def validate(cfg: Config) -> None:
         ("controller.buffer_steps", cfg.controller.buffer_steps >= 1, "must be >= 1"),
         ("controller.holdout_fraction", 0 < cfg.controller.holdout_fraction < 1, "must be in (0, 1)"),
         ("controller.gate_steps", cfg.controller.gate_steps >= 1, "must be >= 1"),
+        ("controller.gate_margin", 0 <= cfg.controller.gate_margin < 1, "must be in [0, 1) (0 = the candidate must beat the serving drafter)"),
         ("controller.teacher_top_k", cfg.controller.teacher_top_k >= -1, "must be >= -1 (-1 = automatic, 0 = the full distribution)"),
         ("controller.watchdog", 0 <= cfg.controller.watchdog < 1, "must be in [0, 1) (0 = off)"),
         ("controller.watchdog_patience", cfg.controller.watchdog_patience >= 1, "must be >= 1"),

@@ -248,21 +248,25 @@ class Controller:
 
     def consider(self, candidate: Drafter, timer: StageTimer | None = None) -> dict[str, Any]:
         """Gate `candidate` on the held-out gate groups of the last `controller.gate_steps` steps
-        (teacher-forced acceptance against the serving drafter); swap it in if it is better. Both are
-        reported on this step's report groups."""
+        (teacher-forced acceptance against the serving drafter); swap it in if it is better, or no more
+        than `controller.gate_margin` worse. Both are reported on this step's report groups."""
         tf = lambda d, ex: teacher_forced_alpha(d, ex, self.policy.target_parts(), self.k, self.vocab) if ex else None  # noqa: E731
         pool = self.data.gate_pool
         gate_before, gate_after = tf(self.serving, pool), tf(candidate, pool)
         before, after = tf(self.serving, self.data.report), tf(candidate, self.data.report)
+        length = lambda s: s.accept_len if s else math.nan  # noqa: E731
         out: dict[str, Any] = {
-            "drafter/alpha_before": before.accept_len if before else math.nan,
-            "drafter/alpha_after": after.accept_len if after else math.nan,
+            "drafter/alpha_before": length(before),
+            "drafter/alpha_after": length(after),
+            "drafter/gate_before": length(gate_before),
+            "drafter/gate_after": length(gate_after),
         }
-        better = gate_after is not None and (gate_before is None or gate_after.accept_len > gate_before.accept_len)
+        margin = self.cfg.controller.gate_margin
+        better = gate_after is not None and (gate_before is None or gate_after.accept_len > (1 - margin) * gate_before.accept_len)
         if self.cfg.controller.gate and not better:
             self.log.refused += 1
-            got = gate_after.accept_len if gate_after else math.nan
-            reason = f"candidate acceptance {got:.3f} <= serving {gate_before.accept_len if gate_before else math.nan:.3f} on the gate groups"
+            bar = f"{1 - margin:g} x serving" if margin else "serving"
+            reason = f"candidate acceptance {length(gate_after):.3f} <= {bar} {length(gate_before):.3f} on the gate groups"
             return {**out, "controller/decision": "refuse", "controller/reason": reason}
         t0 = time.perf_counter()
         with timer("swap") if timer is not None else contextlib.nullcontext():

@@ -49,6 +49,7 @@ CASES = [
     (["--set", "drafter.k_schedule=1-8:9"], "0 <= k <= drafter.num_speculative_tokens=3"),
     (["--set", "drafter.path=/nonexistent/drafter"], "drafter.path: no such directory"),
     (["--set", "model.head_dim=48"], "'model.head_dim' must be one of 32, 64"),
+    (["--set", "controller.gate_margin=1.0"], "'controller.gate_margin' must be in [0, 1)"),
     (["--preset", "defualt"], "unknown preset 'defualt'; did you mean 'default'"),
 ]
 

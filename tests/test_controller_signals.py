@@ -153,6 +153,32 @@ def test_the_swap_is_decided_on_the_pooled_gate_and_reported_on_this_steps_repor
     assert seen == [pooled, pooled, report, report]  # serving and candidate on both gate halves, then on the report half
 
 
+
+@pytest.mark.parametrize("margin, ratio, decision", [(0.0, 0.97, "refuse"), (0.05, 0.97, "swap"), (0.05, 0.9, "refuse"), (0.0, 1.01, "swap")])
+def test_the_gate_margin_swaps_a_candidate_up_to_that_fraction_worse(controller, monkeypatch, margin, ratio, decision):
+    """controller.gate_margin: a candidate is refused only when its gate acceptance falls more than
+    the margin below the serving drafter's; the gate's own numbers are logged with the decision."""
+    import copy
+    import dataclasses
+
+    import codraft.controller as controller_module
+
+    c, policy = controller
+    c.cfg = dataclasses.replace(c.cfg, controller=dataclasses.replace(c.cfg.controller, gate_margin=margin))
+    record_step(c, policy, 8)
+    c.after_step(0, PROMPTS, step_generation(8, stats(0.6, 3, 40)), StageTimer())
+    candidate = copy.deepcopy(c.serving)
+    serving = c.serving
+    length = {id(serving): 2.0, id(candidate): 2.0 * ratio}
+    monkeypatch.setattr(controller_module, "teacher_forced_alpha", lambda d, ex, *a: SimpleNamespace(accept_len=length[id(d)]))
+    out = c.consider(candidate)
+    assert out["controller/decision"] == decision
+    assert out["drafter/gate_before"] == 2.0 and out["drafter/gate_after"] == pytest.approx(2.0 * ratio)
+    assert (c.serving is candidate) == (decision == "swap")
+    if decision == "refuse":
+        assert ("0.95 x serving 2.000" if margin else "<= serving 2.000") in out["controller/reason"]
+
+
 def test_the_cost_model_is_asked_about_a_fresh_drafter(controller):
     """Issue 16: Observation.predicted_gen_s_fresh was never filled, so cost_benefit never used the cost model."""
     c, policy = controller

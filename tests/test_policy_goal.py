@@ -57,9 +57,11 @@ def test_a_missing_reference_is_named(tmp_path):
         main([tmp_path])
 
 
-def test_a_controller_field_that_older_runs_lack_reads_as_their_value_and_separates_configurations(tmp_path):
-    """Runs from before `controller.gate_steps` (no such line in config.toml) gated like gate_steps = 1:
-    they pair with newer gate_steps = 1 runs and are apart from gate_steps = 3 ones (were pooled before)."""
+@pytest.mark.parametrize("field, old_value, new_value", [("gate_steps", "1", "3"), ("gate_margin", "0.0", "0.05")])
+def test_a_controller_field_that_older_runs_lack_reads_as_their_value_and_separates_configurations(tmp_path, field, old_value, new_value):
+    """Runs from before `controller.gate_steps` (no such line in config.toml) gated like gate_steps = 1
+    (before `gate_margin`, like margin 0): they pair with newer runs at that value and are apart from
+    runs at another (were pooled before)."""
     from analysis.policy_goal import main
     from analysis.runs import find_run_dirs, load_run, varying_keys
 
@@ -68,15 +70,16 @@ def test_a_controller_field_that_older_runs_lack_reads_as_their_value_and_separa
         constant_run(old, "never", seed, 2.0, set())
         run = constant_run(old, "every_n", seed, 2.5, set(range(8)))
         config = run / "config.toml"
-        config.write_text("\n".join(line for line in config.read_text().splitlines() if not line.startswith("gate_steps")))
-        assert "gate_steps" not in load_run(run).config["controller"]
+        config.write_text("\n".join(line for line in config.read_text().splitlines() if not line.startswith(field)))
+        assert field not in load_run(run).config["controller"]
         constant_run(new, "every_n", seed, 2.4, set(range(8)), steps=8)
     for run in find_run_dirs(new):
         config = run / "config.toml"
-        config.write_text(config.read_text().replace("gate_steps = 1", "gate_steps = 3"))
+        assert f"{field} = {old_value}\n" in config.read_text()
+        config.write_text(config.read_text().replace(f"{field} = {old_value}\n", f"{field} = {new_value}\n"))
     runs = [load_run(d) for p in (old, new) for d in find_run_dirs(p)]
-    assert "controller.gate_steps" in varying_keys(runs)
-    assert "controller.gate_steps" not in varying_keys([load_run(d) for d in find_run_dirs(old)])
+    assert f"controller.{field}" in varying_keys(runs)
+    assert f"controller.{field}" not in varying_keys([load_run(d) for d in find_run_dirs(old)])
     rows = cells(main([old, new]))
-    assert set(rows) == {"never", "every_n", "every_n (gate_steps=3)"}
-    assert rows["every_n (gate_steps=3)"][3].startswith("-4.0% [-4.0%, -4.0%]")  # 2.4 against the old every_n's 2.5
+    assert set(rows) == {"never", "every_n", f"every_n ({field}={new_value})"}
+    assert rows[f"every_n ({field}={new_value})"][3].startswith("-4.0% [-4.0%, -4.0%]")  # 2.4 against the old every_n's 2.5
