@@ -13,6 +13,9 @@ counts), C the distill + swap seconds and R the refreshes (swapped or refused):
                                       and their seconds do not compare; every refresh distils alike)
 
 and each column is the mean with a 95% Student-t interval over the seeds that both runs finished.
+A configuration whose controller fields other than the policy differ between the runs given (e.g.
+`drift (gate_margin=0.05)`) is paired with the reference and floor of the same fields when they are
+among the runs, else with the plain ones; the last column names them.
 The goal (issue 16): within 5% of the reference, at most 30% of its cost, at least 15% above the
 floor. A goal is "met" when the mean meets it and "met at 95%" when the whole interval does.
 The runs given should share one scenario; the table names the machines they ran on.
@@ -34,16 +37,22 @@ WITHIN, COST, ABOVE = -0.05, 0.30, 0.15
 acceptance against the floor >= ABOVE."""
 
 
-def label(run: RunData, keys: Sequence[str] = ()) -> str:
-    """`policy` or `policy (key=value, ...)` with the controller.args the run set and the other
-    controller fields among `keys` (those that vary between the runs compared), each left out where
-    it holds the value runs had before the field existed (`ABSENT_MEANS`: gate_steps = 1)."""
-    args = dict(sorted(run.config.get("controller", {}).get("args", {}).items()))
+def setting(run: RunData, keys: Sequence[str] = ()) -> dict[str, object]:
+    """The controller fields among `keys` (those that vary between the runs compared) other than the
+    policy and its args, e.g. {"gate_margin": 0.05}; each left out where it holds the value runs had
+    before the field existed (`ABSENT_MEANS`: gate_steps = 1, gate_margin = 0)."""
+    out = {}
     for key in keys:
         if key.startswith("controller.") and not key.startswith(POLICY_ARGS) and key != "controller.policy":
             value = run.config_value(key, ABSENT_MEANS.get(key))
             if key not in ABSENT_MEANS or value != ABSENT_MEANS[key]:
-                args[key.removeprefix("controller.")] = value
+                out[key.removeprefix("controller.")] = value
+    return out
+
+
+def label(run: RunData, keys: Sequence[str] = ()) -> str:
+    """`policy` or `policy (key=value, ...)` with the controller.args the run set and its `setting`."""
+    args = {**dict(sorted(run.config.get("controller", {}).get("args", {}).items())), **setting(run, keys)}
     policy = run.config_value("controller.policy", "?")
     return f"{policy} ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else policy
 
@@ -59,6 +68,8 @@ class GoalRow:
     cost_share: Interval
     vs_floor: Interval
     refresh_share: Interval
+    against: tuple[str, str] = (REFERENCE, FLOOR)
+    """The reference and floor configurations it was paired with."""
 
     def verdicts(self) -> list[str]:
         """Per goal: "met at 95%", "met" (the mean only) or "missed"."""
@@ -74,20 +85,35 @@ class GoalRow:
 
 
 def goal_rows(runs: list[RunData]) -> list[GoalRow]:
-    """One row per configuration (the reference's and the floor's included), in first-seen order."""
+    """One row per configuration (the reference's and the floor's included), in first-seen order.
+    A configuration is compared with the reference (floor) of the same `setting` when one is among
+    the runs (`drift (gate_margin=0.05)` with `every_n (gate_margin=0.05)`), else with the plain one."""
     by_config: dict[str, dict[int, tuple[float, float, int]]] = {}
+    plain: dict[tuple[str, tuple], str] = {}
+    """(policy, setting) -> the configuration of that policy run without controller.args."""
+    settings: dict[str, tuple] = {}
     runs = [r for r in runs if r.finished]
     keys = varying_keys(runs)
     for run in runs:
         s = summarize(run)
-        by_config.setdefault(label(run, keys), {})[int(run.config_value("run.seed", 0))] = (s.accept_len_mean, s.distill_swap_s, s.swaps + s.refusals)
-    for name in (REFERENCE, FLOOR):
-        if name not in by_config:
-            raise ValueError(f"no finished `{name}` run among the runs given (configurations: {', '.join(f'`{c}`' for c in by_config)}): "
+        name, own = label(run, keys), tuple(setting(run, keys).items())
+        settings[name] = own
+        if not run.config.get("controller", {}).get("args"):
+            plain[(run.config_value("controller.policy", "?"), own)] = name
+        by_config.setdefault(name, {})[int(run.config_value("run.seed", 0))] = (s.accept_len_mean, s.distill_swap_s, s.swaps + s.refusals)
+
+    def match(policy: str, name: str) -> str:
+        """The `policy` configuration with `name`'s setting, else the plain one."""
+        found = plain.get((policy, settings[name])) or plain.get((policy, ()))
+        if found is None:
+            raise ValueError(f"no finished `{policy}` run to compare `{name}` with (configurations: {', '.join(f'`{c}`' for c in by_config)}): "
                              f"the goal is measured against `{REFERENCE}` and `{FLOOR}` of the same seeds")
-    ref, floor = by_config[REFERENCE], by_config[FLOOR]
+        return found
+
     rows = []
     for name, seeds in by_config.items():
+        against = (match(REFERENCE, name), match(FLOOR, name))
+        ref, floor = by_config[against[0]], by_config[against[1]]
         paired = [s for s in seeds if s in ref and s in floor]
 
         def ratio(i: int, base: dict[int, tuple[float, float, int]], minus: float = 0.0) -> Interval:
@@ -95,7 +121,7 @@ def goal_rows(runs: list[RunData]) -> list[GoalRow]:
             return t_interval(seeds[s][i] / base[s][i] - minus if base[s][i] > 0 else float("nan") for s in paired)
 
         rows.append(GoalRow(name, len(paired), t_interval(seeds[s][0] for s in paired), ratio(0, ref, 1.0), ratio(1, ref),
-                            ratio(0, floor, 1.0), ratio(2, ref)))
+                            ratio(0, floor, 1.0), ratio(2, ref), against))
     return rows
 
 
@@ -110,11 +136,11 @@ def percent(iv: Interval, signed: bool = True) -> str:
 def markdown(rows: list[GoalRow], hardware: str) -> str:
     """The goal table, after `hardware` (`analysis.tables.hardware_note`'s sentence)."""
     head = ["configuration", "paired seeds", "accept len", f"vs {REFERENCE}", "cost share", f"vs {FLOOR}", "refresh share",
-            f"within {-WITHIN:.0%}", f"cost <= {COST:.0%}", f">= +{ABOVE:.0%}"]
+            f"within {-WITHIN:.0%}", f"cost <= {COST:.0%}", f">= +{ABOVE:.0%}", "compared with"]
     lines = [hardware, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r.config}`", str(r.seeds), r.accept_len.text(), percent(r.vs_reference), percent(r.cost_share, signed=False),
-                 percent(r.vs_floor), percent(r.refresh_share, signed=False), *r.verdicts()]
+                 percent(r.vs_floor), percent(r.refresh_share, signed=False), *r.verdicts(), " / ".join(f"`{c}`" for c in r.against)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Per seed: acceptance length (mean over the run) / `{REFERENCE}`'s - 1, distill + swap seconds / "
               f"`{REFERENCE}`'s, acceptance length / `{FLOOR}`'s - 1, refreshes (swaps + refusals) / `{REFERENCE}`'s; mean [95% Student-t interval] over the seeds all "

@@ -233,10 +233,12 @@ class ControllerConfig:
     """Weight rollouts by exp(reward_weighting * reward) in distillation (0 = uniform)."""
     gate: bool = True
     """Swap a refreshed drafter in only if its teacher-forced acceptance beats the serving one's."""
-    gate_margin: float = 0.0
+    gate_margin: float = 0.05
     """Swap a candidate unless its gate acceptance length falls more than this fraction below the
-    serving drafter's (0 = it must beat it; 0.05 refuses only candidates over 5% worse). The gate
-    decides on few prompt groups: a margin trades refusals of good candidates for swaps of bad ones."""
+    serving drafter's (0 = it must beat it, the rule before 2026-12-02). The gate decides on few
+    prompt groups (2 at the default scale), where a strict comparison refused as many better
+    candidates as worse ones; 0.05 was adopted on the smoke validation scenario
+    (analysis/grids/smoke_gate_margin.toml)."""
     gate_steps: int = 1
     """Steps whose held-out gate groups the swap gate pools: the candidate is compared with the
     serving drafter on the gate groups of the last `gate_steps` steps (none of them is ever trained

@@ -37,14 +37,14 @@ def test_goal_columns_and_verdicts_hand_computed(tmp_path):
     assert tuned[4].startswith("25.0% [25.0%, 25.0%]")
     assert tuned[5].startswith("+20.0% [+20.0%, +20.0%]")
     assert tuned[6].startswith("25.0% [25.0%, 25.0%]")  # 2 refreshes against 8
-    assert tuned[7:] == ["met at 95%", "met at 95%", "met at 95%"]
+    assert tuned[7:] == ["met at 95%", "met at 95%", "met at 95%", "`every_n` / `never`"]
     loose = rows["drift (threshold=0.2)"]
     assert loose[3].startswith("-10.0% [")  # mean of -12% and -8%
     assert loose[5].startswith("+12.5% [")
-    assert loose[7:] == ["missed", "met at 95%", "missed"]
+    assert loose[7:10] == ["missed", "met at 95%", "missed"]
     wide = rows["threshold"]
     assert wide[3].startswith("-4.0% [") and wide[5].startswith("+20.0% [")
-    assert wide[7:] == ["met", "met at 95%", "met"]  # the means meet the goals, the two-seed intervals do not
+    assert wide[7:10] == ["met", "met at 95%", "met"]  # the means meet the goals, the two-seed intervals do not
     assert rows["every_n"][4].startswith("100.0%") and rows["every_n"][7] == "met at 95%"
 
 
@@ -57,7 +57,7 @@ def test_a_missing_reference_is_named(tmp_path):
         main([tmp_path])
 
 
-@pytest.mark.parametrize("field, old_value, new_value", [("gate_steps", "1", "3"), ("gate_margin", "0.0", "0.05")])
+@pytest.mark.parametrize("field, old_value, new_value", [("gate_steps", "1", "3"), ("gate_margin", "0.05", "0.1")])
 def test_a_controller_field_that_older_runs_lack_reads_as_their_value_and_separates_configurations(tmp_path, field, old_value, new_value):
     """Runs from before `controller.gate_steps` (no such line in config.toml) gated like gate_steps = 1
     (before `gate_margin`, like margin 0): they pair with newer runs at that value and are apart from
@@ -67,11 +67,10 @@ def test_a_controller_field_that_older_runs_lack_reads_as_their_value_and_separa
 
     old, new = tmp_path / "old", tmp_path / "new"
     for seed in (0, 1):
-        constant_run(old, "never", seed, 2.0, set())
-        run = constant_run(old, "every_n", seed, 2.5, set(range(8)))
-        config = run / "config.toml"
-        config.write_text("\n".join(line for line in config.read_text().splitlines() if not line.startswith(field)))
-        assert field not in load_run(run).config["controller"]
+        for run in (constant_run(old, "never", seed, 2.0, set()), constant_run(old, "every_n", seed, 2.5, set(range(8)))):
+            config = run / "config.toml"
+            config.write_text("\n".join(line for line in config.read_text().splitlines() if not line.startswith(field)))
+            assert field not in load_run(run).config["controller"]
         constant_run(new, "every_n", seed, 2.4, set(range(8)), steps=8)
     for run in find_run_dirs(new):
         config = run / "config.toml"
@@ -82,4 +81,24 @@ def test_a_controller_field_that_older_runs_lack_reads_as_their_value_and_separa
     assert f"controller.{field}" not in varying_keys([load_run(d) for d in find_run_dirs(old)])
     rows = cells(main([old, new]))
     assert set(rows) == {"never", "every_n", f"every_n ({field}={new_value})"}
-    assert rows[f"every_n ({field}={new_value})"][3].startswith("-4.0% [-4.0%, -4.0%]")  # 2.4 against the old every_n's 2.5
+    assert rows[f"every_n ({field}={new_value})"][2].startswith("2.4") and rows["every_n"][2].startswith("2.5")
+
+
+def test_a_configuration_is_compared_with_every_n_of_its_own_gate_setting(tmp_path):
+    """`drift (gate_margin=0.05)` pairs with `every_n (gate_margin=0.05)` when both are among the runs,
+    not with the strict-gate `every_n`; `never` (no run at that setting) is the plain one."""
+    from analysis.policy_goal import main
+
+    for seed in (0, 1):
+        constant_run(tmp_path / "old", "never", seed, 2.0, set())
+        constant_run(tmp_path / "old", "every_n", seed, 2.5, set(range(8)))
+        constant_run(tmp_path / "new", "every_n", seed, 2.4, set(range(8)))
+        constant_run(tmp_path / "new", "drift", seed, 2.28, {2, 6})  # -5% against 2.4, -8.8% against 2.5
+    for run in (tmp_path / "old").iterdir():
+        config = run / "config.toml"
+        config.write_text(config.read_text().replace("gate_margin = 0.05\n", "gate_margin = 0.0\n"))
+    rows = cells(main([tmp_path / "old", tmp_path / "new"]))
+    drift = rows["drift (gate_margin=0.05)"]
+    assert drift[3].startswith("-5.0% [-5.0%, -5.0%]") and drift[5].startswith("+14.0%")
+    assert drift[-1] == "`every_n (gate_margin=0.05)` / `never`"
+    assert rows["every_n"][-1] == "`every_n` / `never`"
