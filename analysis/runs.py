@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from codraft.acceptance import AcceptanceStats
+from codraft.config import ADDED_FIELDS
 from codraft.io import read_jsonl
 from codraft.metrics import STAGES
 
@@ -166,7 +167,7 @@ POLICY_ARGS = "controller.args."
 missing field is that policy's default, a different configuration from one that set it."""
 
 
-ABSENT_MEANS: dict[str, Any] = {"controller.gate_steps": 1, "controller.gate_margin": 0.0}
+ABSENT_MEANS: dict[str, Any] = ADDED_FIELDS
 """Config fields added after some runs were written, with the value those older runs ran with: a run
 whose config.toml lacks one is read as having it (analysis compares it with newer runs that set it)."""
 

@@ -3,7 +3,8 @@
     python -m analysis.swap_gate runs/policies-short-rich-warmstart runs/policies-short-rich-warmstart-peak
 
 At each gated refresh the controller compares the candidate with the serving drafter on the gate
-groups (swap if the candidate's teacher-forced acceptance is higher, else refuse) and reports both
+groups (swap if the candidate's teacher-forced acceptance length exceeds (1 - gate_margin) x the
+serving one's, else refuse) and reports both
 on other held-out prompt groups of the step (`drafter/alpha_before`, `drafter/alpha_after`; see
 codraft/distill_data.py). A decision AGREES with the report groups when it swapped a candidate they
 measure higher, or refused one they measure not higher. Agreement alone flatters the gate: when
@@ -18,7 +19,7 @@ though consecutive refreshes of one run share a serving drafter: read p as a scr
 
 Runs that log the gate's own numbers (`drafter/gate_before`, `drafter/gate_after`) get a second
 table: what other swap rules would have decided on the same refreshes. A rule with margin m swaps
-unless the candidate's gate acceptance is more than m below the serving drafter's
+when the candidate's gate acceptance length exceeds (1 - m) x the serving drafter's
 (`controller.gate_margin`); each rule is scored by its agreement with the report groups and by the
 report groups' relative gain of the drafter it leaves serving (after / before - 1 when it swaps,
 0 when it refuses), per decision, with a 95% t interval. A screen: a different decision would
@@ -65,7 +66,7 @@ def gate_readings(run: RunData) -> list[tuple[float, float, float, float]]:
     out = []
     for r in run.steps:
         values = [number(r.get(k)) for k in keys]
-        if r.get("controller/decision") in ("swap", "refuse") and all(v is not None and math.isfinite(v) for v in values):
+        if r.get("controller/decision") in ("swap", "refuse") and all(v is not None and math.isfinite(v) and v > 0 for v in values):
             out.append(tuple(values))
     return out
 

@@ -36,7 +36,7 @@ RESUMABLE_OVERRIDES = ("run.steps", "output.progress", "output.tensorboard")
 
 def resume_config(args: RunArgs):
     from codraft.config import ConfigError
-    from codraft.configfile import config_from_toml, load_config
+    from codraft.configfile import config_from_toml
 
     if not (args.resume / "config.toml").is_file():
         raise FileNotFoundError(f"--resume {args.resume}: no run there (config.toml missing)")
@@ -44,7 +44,7 @@ def resume_config(args: RunArgs):
     if bad or args.config or args.preset != "default":
         raise ConfigError(f"--resume keeps the run's own config; only {', '.join(RESUMABLE_OVERRIDES)} may be changed (got {bad or '--config/--preset'})")
     config_from_toml(args.resume / "config.toml")  # validates
-    return load_config(preset=None, path=args.resume / "config.toml", overrides=args.set)
+    return config_from_toml(args.resume / "config.toml", overrides=args.set)
 
 
 def cmd_run(args: RunArgs) -> int:

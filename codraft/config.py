@@ -232,10 +232,12 @@ class ControllerConfig:
     reward_weighting: float = 0.0
     """Weight rollouts by exp(reward_weighting * reward) in distillation (0 = uniform)."""
     gate: bool = True
-    """Swap a refreshed drafter in only if its teacher-forced acceptance beats the serving one's."""
+    """Gate swaps: a refreshed drafter is swapped in only if its teacher-forced acceptance on held-out
+    gate groups passes `gate_margin` against the serving one's (false: every candidate is swapped)."""
     gate_margin: float = 0.05
-    """Swap a candidate unless its gate acceptance length falls more than this fraction below the
-    serving drafter's (0 = it must beat it, the rule before 2026-12-02). The gate decides on few
+    """Swap a candidate only if its gate acceptance length > (1 - gate_margin) x the serving drafter's
+    (0 = it must beat it, the rule before 2026-12-02). Each swap is judged against the drafter then
+    serving, so a chain of swaps may drift down by up to this much each. The gate decides on few
     prompt groups (2 at the default scale), where a strict comparison refused as many better
     candidates as worse ones; 0.05 was adopted on the smoke validation scenario
     (analysis/grids/smoke_gate_margin.toml)."""
@@ -311,6 +313,11 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+ADDED_FIELDS: dict[str, Any] = {"controller.gate_steps": 1, "controller.gate_margin": 0.0}
+"""Fields added after runs were written, with the value a run whose config.toml lacks one ran with:
+resuming such a run keeps it (`codraft.configfile.config_from_toml`), and analysis reads the run so."""
 
 
 def validate(cfg: Config) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import TypeAdapter, ValidationError
 
-from codraft.config import Config, ConfigError, validate
+from codraft.config import ADDED_FIELDS, Config, ConfigError, validate
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -170,9 +170,12 @@ def write_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, tomli_w.dumps(to_dict(cfg)))
 
 
-def config_from_toml(path: Path) -> Config:
-    """Read a resolved config written by `write_config` (no preset underneath)."""
-    return load_config(preset=None, path=path)
+def config_from_toml(path: Path, overrides: list[str] = ()) -> Config:
+    """Read a resolved config written by `write_config` (no preset underneath), then `overrides`. A
+    field the file predates (`ADDED_FIELDS`) takes the value the run ran with, not today's default."""
+    written = read_toml(Path(path))
+    absent = [f"{key}={value}" for key, value in ADDED_FIELDS.items() if key.split(".", 1)[1] not in written.get(key.split(".", 1)[0], {})]
+    return load_config(preset=None, path=path, overrides=[*absent, *overrides])
 
 
 def section_fields(cls: type) -> list[tuple[str, str, Any, str]]:

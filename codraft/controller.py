@@ -248,8 +248,8 @@ class Controller:
 
     def consider(self, candidate: Drafter, timer: StageTimer | None = None) -> dict[str, Any]:
         """Gate `candidate` on the held-out gate groups of the last `controller.gate_steps` steps
-        (teacher-forced acceptance against the serving drafter); swap it in if it is better, or no more
-        than `controller.gate_margin` worse. Both are reported on this step's report groups."""
+        (teacher-forced acceptance against the serving drafter); swap it in if its acceptance length
+        exceeds (1 - `controller.gate_margin`) x the serving drafter's. Both are reported on this step's report groups."""
         tf = lambda d, ex: teacher_forced_alpha(d, ex, self.policy.target_parts(), self.k, self.vocab) if ex else None  # noqa: E731
         pool = self.data.gate_pool
         gate_before, gate_after = tf(self.serving, pool), tf(candidate, pool)

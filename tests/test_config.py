@@ -71,6 +71,23 @@ def test_written_config_round_trips(tmp_path):
     assert to_dict(again)["controller"]["args"] == {"n": 2}
 
 
+def test_a_run_written_before_a_field_existed_resumes_with_the_value_it_ran_with(tmp_path):
+    """A run's config.toml without `controller.gate_margin` gated strictly (margin 0): reading it back
+    for --resume must not give it today's default (0.05), and the field the file has is kept."""
+    from codraft.commands import RunArgs, resume_config
+    from codraft.config import ADDED_FIELDS
+
+    write_config(load_config("smoke", overrides=["controller.gate_margin=0.1", "controller.gate_steps=3"]), tmp_path / "config.toml")
+    assert (config_from_toml(tmp_path / "config.toml").controller.gate_margin, config_from_toml(tmp_path / "config.toml").controller.gate_steps) == (0.1, 3)
+    text = (tmp_path / "config.toml").read_text()
+    (tmp_path / "config.toml").write_text("\n".join(line for line in text.splitlines() if not line.startswith(("gate_margin", "gate_steps"))))
+    old = config_from_toml(tmp_path / "config.toml")
+    assert (old.controller.gate_margin, old.controller.gate_steps) == (ADDED_FIELDS["controller.gate_margin"], ADDED_FIELDS["controller.gate_steps"]) == (0.0, 1)
+    assert load_config("smoke").controller.gate_margin == 0.05  # the default a new run gets
+    resumed = resume_config(RunArgs(resume=tmp_path, set=["run.steps=9"]))
+    assert resumed.controller.gate_margin == 0.0 and resumed.run.steps == 9
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("smoke", path="/nonexistent/x.toml")

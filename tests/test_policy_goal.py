@@ -78,7 +78,6 @@ def test_a_controller_field_that_older_runs_lack_reads_as_their_value_and_separa
         config.write_text(config.read_text().replace(f"{field} = {old_value}\n", f"{field} = {new_value}\n"))
     runs = [load_run(d) for p in (old, new) for d in find_run_dirs(p)]
     assert f"controller.{field}" in varying_keys(runs)
-    assert f"controller.{field}" not in varying_keys([load_run(d) for d in find_run_dirs(old)])
     rows = cells(main([old, new]))
     assert set(rows) == {"never", "every_n", f"every_n ({field}={new_value})"}
     assert rows[f"every_n ({field}={new_value})"][2].startswith("2.4") and rows["every_n"][2].startswith("2.5")
@@ -102,3 +101,26 @@ def test_a_configuration_is_compared_with_every_n_of_its_own_gate_setting(tmp_pa
     assert drift[3].startswith("-5.0% [-5.0%, -5.0%]") and drift[5].startswith("+14.0%")
     assert drift[-1] == "`every_n (gate_margin=0.05)` / `never`"
     assert rows["every_n"][-1] == "`every_n` / `never`"
+
+
+def test_pairing_with_args_and_a_setting_and_the_fallbacks(tmp_path):
+    """`drift (baseline=peak, gate_margin=0.1)` pairs with `every_n (gate_margin=0.1)`; a setting with no
+    every_n of its own falls back to the plain every_n; `never` at another setting is still the floor
+    when it is the only one (a frozen drafter meets no gate)."""
+    from analysis.policy_goal import main
+
+    def margin(run, value):
+        config = run / "config.toml"
+        config.write_text(config.read_text().replace("gate_margin = 0.05\n", f"gate_margin = {value}\n"))
+
+    for seed in (0, 1):
+        margin(constant_run(tmp_path, "never", seed, 2.0, set()), 0.2)
+        margin(constant_run(tmp_path, "every_n", seed, 2.5, set(range(8))), 0.0)
+        margin(constant_run(tmp_path / "m", "every_n", seed, 2.4, set(range(8))), 0.1)
+        margin(constant_run(tmp_path / "m", "drift", seed, 2.28, {2, 6}, {"baseline": "peak"}), 0.1)  # -5% against 2.4
+        margin(constant_run(tmp_path / "s", "drift", seed, 2.25, {2}), 0.3)  # no every_n at 0.3: against 2.5, -10%
+    rows = cells(main([tmp_path, tmp_path / "m", tmp_path / "s"]))
+    peak = rows["drift (baseline=peak, gate_margin=0.1)"]
+    assert peak[3].startswith("-5.0% [-5.0%, -5.0%]") and peak[-1] == "`every_n (gate_margin=0.1)` / `never (gate_margin=0.2)`"
+    lone = rows["drift (gate_margin=0.3)"]
+    assert lone[3].startswith("-10.0%") and lone[5].startswith("+12.5%") and lone[-1] == "`every_n` / `never (gate_margin=0.2)`"
