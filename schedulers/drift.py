@@ -1,7 +1,9 @@
 """`drift`: refresh when the serving drafter's teacher-forced acceptance against the *current*
 policy (measured on recent rollouts, without generating) has degraded by more than a threshold
 relative to its value right after the last refresh (`baseline = "first"`) or to the highest value
-measured since then (`baseline = "peak"`).
+measured since then (`baseline = "peak"`); optionally also once `max_interval` steps have passed since
+the last refresh it asked for (bounded staleness: a drafter whose warm start left training undone
+keeps gaining from refreshes while acceptance holds).
 
 Unlike `threshold`, the signal does not depend on k or on what the engine happened to generate:
 it is 1 - TV(policy, drafter) (or the greedy-drafting acceptance), so it tracks policy drift directly.
@@ -26,6 +28,9 @@ class DriftConfig:
     """Fewest steps between two refreshes."""
     baseline: Literal["first", "peak"] = "first"
     """What the fall is measured from: the first acceptance measured after the last refresh (`first`), or the highest since then (`peak`: RL that raises acceptance before a shift raises the floor with it)."""
+    max_interval: int = 0
+    """Also refresh once this many steps have been served since the last refresh asked for (or since the
+    start), whatever the acceptance; 0 = never on time alone."""
 
 
 @REFRESH_POLICIES.register("drift")
@@ -39,6 +44,9 @@ class Drift(RefreshPolicy):
             raise ConfigError(f"config key 'controller.args.threshold' must be in (0, 1), got {self.config.threshold!r}")
         if self.config.min_interval < 1:
             raise ConfigError(f"config key 'controller.args.min_interval' must be >= 1, got {self.config.min_interval!r}")
+        if self.config.max_interval and self.config.max_interval < self.config.min_interval:
+            raise ConfigError(f"config key 'controller.args.max_interval' must be 0 or >= min_interval "
+                              f"({self.config.min_interval}), got {self.config.max_interval!r}")
         self.baseline: float | None = None
         """Acceptance first (or, with `baseline = "peak"`, at most) measured since the serving drafter was installed."""
         self.current: float | None = None
@@ -62,6 +70,10 @@ class Drift(RefreshPolicy):
 
     def decide(self) -> Decision:
         step = self.history[-1].step
+        served = step - self.last_refresh if self.last_refresh is not None else step + 1
+        if self.config.max_interval and served >= self.config.max_interval:
+            self.last_refresh = step
+            return Decision(True, f"{served} steps since the last refresh (max_interval {self.config.max_interval})")
         if self.baseline is None or self.current is None:
             return Decision(False, f"{self.config.signal} not measured since the last refresh")
         floor = (1 - self.config.threshold) * self.baseline

@@ -296,6 +296,18 @@ def test_drift_peak_baseline_measures_the_fall_from_the_highest_acceptance_since
     assert _drift_fires({"baseline": "peak"}, [0.90, 0.70, 0.70, 0.66], since=[0, 1, 0, 1]) == [False, True, False, False]
 
 
+def test_drift_max_interval_refreshes_on_time_while_acceptance_holds():
+    flat = [0.9] * 10
+    assert _drift_fires({"max_interval": 4}, flat) == [False, False, False, True, False, False, False, True, False, False]
+    # A fall still fires at once and restarts the clock: 0.7 at step 5 (< 0.81), then 4 steps on.
+    fall = [0.9] * 5 + [0.7] + [0.9] * 6
+    since = [0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4, 5]  # the refreshes at steps 3 and 5 swapped
+    assert [i for i, f in enumerate(_drift_fires({"max_interval": 4}, fall, since)) if f] == [3, 5, 9]
+    assert _drift_fires({}, flat) == [False] * 10  # off by default
+    with pytest.raises(ConfigError, match="controller.args.max_interval"):
+        make_refresh_policy("drift", {"max_interval": 1, "min_interval": 2})
+
+
 def test_drift_fires_on_decaying_trace_and_not_on_flat():
     assert refresh_steps(Driver(trace("slow_decay")).run(make_refresh_policy("drift")))
     assert refresh_steps(Driver(trace("flat")).run(make_refresh_policy("drift"))) == []
