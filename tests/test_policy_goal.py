@@ -124,3 +124,22 @@ def test_pairing_with_args_and_a_setting_and_the_fallbacks(tmp_path):
     assert peak[3].startswith("-5.0% [-5.0%, -5.0%]") and peak[-1] == "`every_n (gate_margin=0.1)` / `never (gate_margin=0.2)`"
     lone = rows["drift (gate_margin=0.3)"]
     assert lone[3].startswith("-10.0%") and lone[5].startswith("+12.5%") and lone[-1] == "`every_n` / `never (gate_margin=0.2)`"
+
+
+def test_a_setting_no_reference_has_pairs_with_the_only_reference_there_is(tmp_path):
+    """`drift (distill_steps=16)` against the one `every_n (distill_steps=8)` configuration: what a
+    budget-per-refresh screen compares (smoke_drift_budget.toml); the last column names the pair."""
+    from analysis.policy_goal import main
+
+    def steps(run, value):
+        config = run / "config.toml"
+        assert "distill_steps = 8\n" in config.read_text()  # the smoke preset's
+        config.write_text(config.read_text().replace("distill_steps = 8\n", f"distill_steps = {value}\n"))
+
+    for seed in (0, 1):
+        constant_run(tmp_path, "never", seed, 2.0, set())
+        constant_run(tmp_path, "every_n", seed, 2.5, set(range(8)))
+        steps(constant_run(tmp_path, "drift", seed, 2.4, {2, 6}, {"baseline": "peak"}), 16)  # -4% against 2.5
+    drift = cells(main([tmp_path]))["drift (baseline=peak, distill_steps=16)"]
+    assert drift[3].startswith("-4.0% [-4.0%, -4.0%]") and drift[5].startswith("+20.0%")
+    assert drift[-1] == "`every_n (distill_steps=8)` / `never (distill_steps=8)`"
