@@ -87,7 +87,9 @@ class GoalRow:
 def goal_rows(runs: list[RunData]) -> list[GoalRow]:
     """One row per configuration (the reference's and the floor's included), in first-seen order.
     A configuration is compared with the reference (floor) of the same `setting` when one is among
-    the runs (`drift (gate_margin=0.05)` with `every_n (gate_margin=0.05)`), else with the plain one."""
+    the runs (`drift (gate_margin=0.05)` with `every_n (gate_margin=0.05)`), else with the plain one,
+    else with the only one there is; labels show every setting that varies, so the last column says
+    when a pair differs in more than the policy."""
     by_config: dict[str, dict[int, tuple[float, float, int]]] = {}
     plain: dict[tuple[str, tuple], str] = {}
     """(policy, setting) -> the configuration of that policy run without controller.args."""

@@ -308,6 +308,26 @@ def test_drift_max_interval_refreshes_on_time_while_acceptance_holds():
         make_refresh_policy("drift", {"max_interval": 1, "min_interval": 2})
 
 
+def test_drift_max_interval_counts_from_a_refused_request_and_survives_a_resume():
+    """A refused candidate leaves the old drafter serving (steps_since_refresh keeps counting) but
+    restarts the clock: the next time-based request comes max_interval steps after the refused one.
+    A policy restored from its state_dict between two requests fires on the same step."""
+    def obs(step):
+        return Observation(step=step, alpha_serving=0.9, tv_serving=0.1, steps_since_refresh=step)
+
+    policy = make_refresh_policy("drift", {"max_interval": 3})
+    fired = []
+    for step in range(5):
+        policy.observe(obs(step))
+        fired.append(policy.decide().refresh)
+    resumed = make_refresh_policy("drift", {"max_interval": 3})
+    resumed.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+    for step in range(5, 9):
+        resumed.observe(obs(step))
+        fired.append(resumed.decide().refresh)
+    assert [i for i, f in enumerate(fired) if f] == [2, 5, 8]
+
+
 def test_drift_fires_on_decaying_trace_and_not_on_flat():
     assert refresh_steps(Driver(trace("slow_decay")).run(make_refresh_policy("drift")))
     assert refresh_steps(Driver(trace("flat")).run(make_refresh_policy("drift"))) == []
