@@ -37,12 +37,22 @@ WITHIN, COST, ABOVE = -0.05, 0.30, 0.15
 acceptance against the floor >= ABOVE."""
 
 
+REFRESH_ONLY = frozenset(f"controller.{f}" for f in ("distill_steps", "distill_tokens", "buffer_steps", "teacher_top_k",
+                                                     "reward_weighting", "gate", "gate_margin", "gate_steps"))
+"""Controller fields that act only when a drafter is refreshed: a frozen drafter's (`never`'s) runs
+that differ in them are the same configuration (seeds 0-2 of one sweep pool with 3-5 of another)."""
+
+
 def setting(run: RunData, keys: Sequence[str] = ()) -> dict[str, object]:
     """The controller fields among `keys` (those that vary between the runs compared) other than the
     policy and its args, e.g. {"gate_margin": 0.05}; each left out where it holds the value runs had
-    before the field existed (`ABSENT_MEANS`: gate_steps = 1, gate_margin = 0)."""
+    before the field existed (`ABSENT_MEANS`: gate_steps = 1, gate_margin = 0), and for the floor
+    (`never`) the fields that act only on a refresh (`REFRESH_ONLY`)."""
+    frozen = run.config_value("controller.policy", "?") == FLOOR
     out = {}
     for key in keys:
+        if frozen and key in REFRESH_ONLY:
+            continue
         if key.startswith("controller.") and not key.startswith(POLICY_ARGS) and key != "controller.policy":
             value = run.config_value(key, ABSENT_MEANS.get(key))
             if key not in ABSENT_MEANS or value != ABSENT_MEANS[key]:

@@ -105,8 +105,8 @@ def test_a_configuration_is_compared_with_every_n_of_its_own_gate_setting(tmp_pa
 
 def test_pairing_with_args_and_a_setting_and_the_fallbacks(tmp_path):
     """`drift (baseline=peak, gate_margin=0.1)` pairs with `every_n (gate_margin=0.1)`; a setting with no
-    every_n of its own falls back to the plain every_n; `never` at another setting is still the floor
-    when it is the only one (a frozen drafter meets no gate)."""
+    every_n of its own falls back to the plain every_n; `never`'s gate margin is no part of its
+    setting (a frozen drafter meets no gate)."""
     from analysis.policy_goal import main
 
     def margin(run, value):
@@ -121,9 +121,9 @@ def test_pairing_with_args_and_a_setting_and_the_fallbacks(tmp_path):
         margin(constant_run(tmp_path / "s", "drift", seed, 2.25, {2}), 0.3)  # no every_n at 0.3: against 2.5, -10%
     rows = cells(main([tmp_path, tmp_path / "m", tmp_path / "s"]))
     peak = rows["drift (baseline=peak, gate_margin=0.1)"]
-    assert peak[3].startswith("-5.0% [-5.0%, -5.0%]") and peak[-1] == "`every_n (gate_margin=0.1)` / `never (gate_margin=0.2)`"
+    assert peak[3].startswith("-5.0% [-5.0%, -5.0%]") and peak[-1] == "`every_n (gate_margin=0.1)` / `never`"
     lone = rows["drift (gate_margin=0.3)"]
-    assert lone[3].startswith("-10.0%") and lone[5].startswith("+12.5%") and lone[-1] == "`every_n` / `never (gate_margin=0.2)`"
+    assert lone[3].startswith("-10.0%") and lone[5].startswith("+12.5%") and lone[-1] == "`every_n` / `never`"
 
 
 def test_a_setting_no_reference_has_pairs_with_the_only_reference_there_is(tmp_path):
@@ -142,4 +142,25 @@ def test_a_setting_no_reference_has_pairs_with_the_only_reference_there_is(tmp_p
         steps(constant_run(tmp_path, "drift", seed, 2.4, {2, 6}, {"baseline": "peak"}), 16)  # -4% against 2.5
     drift = cells(main([tmp_path]))["drift (baseline=peak, distill_steps=16)"]
     assert drift[3].startswith("-4.0% [-4.0%, -4.0%]") and drift[5].startswith("+20.0%")
-    assert drift[-1] == "`every_n (distill_steps=8)` / `never (distill_steps=8)`"
+    assert drift[-1] == "`every_n (distill_steps=8)` / `never`"  # distillation steps are no part of a frozen drafter's setting
+
+
+def test_frozen_runs_that_differ_only_in_refresh_fields_pool(tmp_path):
+    """`never` seeds 0-1 from a strict-gate sweep and seed 2 from a margin sweep are one floor: the
+    margin configuration pairs with it on all three seeds (out-of-sample seeds join earlier ones)."""
+    from analysis.policy_goal import main
+
+    def margin(run, value):
+        config = run / "config.toml"
+        config.write_text(config.read_text().replace("gate_margin = 0.05\n", f"gate_margin = {value}\n"))
+
+    for seed in (0, 1, 2):
+        sweep = tmp_path / ("old" if seed < 2 else "new")
+        margin(constant_run(sweep, "never", seed, 2.0, set()), 0.0 if seed < 2 else 0.05)
+        constant_run(tmp_path / "m", "every_n", seed, 2.5, set(range(8)))
+        constant_run(tmp_path / "m", "drift", seed, 2.4, {2, 6}, {"baseline": "peak"})
+    rows = cells(main([tmp_path / "old", tmp_path / "new", tmp_path / "m"]))
+    assert "never" in rows and not any(name.startswith("never (") for name in rows)
+    drift = rows["drift (baseline=peak, gate_margin=0.05)"]
+    assert drift[1] == "3" and drift[5].startswith("+20.0% [+20.0%, +20.0%]")
+    assert drift[-1] == "`every_n (gate_margin=0.05)` / `never`"
