@@ -15,7 +15,7 @@ counts), C the distill + swap seconds and R the refreshes (swapped or refused):
 and each column is the mean with a 95% Student-t interval over the seeds that both runs finished.
 A configuration whose controller fields other than the policy and its args differ between the runs given (e.g.
 `drift (gate_margin=0.05)`) is paired with the reference and floor of the same fields when they are
-among the runs, else with the plain ones, else with the only ones there are; the last column names them.
+among the runs, else with the plain ones, else with those whose fields agree most; the last column names them.
 The goal (issue 16): within 5% of the reference, at most 30% of its cost, at least 15% above the
 floor. A goal is "met" when the mean meets it and "met at 95%" when the whole interval does.
 The runs given should share one scenario; the table names the machines they ran on.
@@ -98,7 +98,7 @@ def goal_rows(runs: list[RunData]) -> list[GoalRow]:
     """One row per configuration (the reference's and the floor's included), in first-seen order.
     A configuration is compared with the reference (floor) of the same `setting` when one is among
     the runs (`drift (gate_margin=0.05)` with `every_n (gate_margin=0.05)`), else with the plain one,
-    else with the only one there is; labels show every setting that varies, so the last column says
+    else with the nearest (`match`); labels show every setting that varies, so the last column says
     when a pair differs in more than the policy."""
     by_config: dict[str, dict[int, tuple[float, float, int]]] = {}
     plain: dict[tuple[str, tuple], str] = {}
@@ -115,13 +115,15 @@ def goal_rows(runs: list[RunData]) -> list[GoalRow]:
         by_config.setdefault(name, {})[int(run.config_value("run.seed", 0))] = (s.accept_len_mean, s.distill_swap_s, s.swaps + s.refusals)
 
     def match(policy: str, name: str) -> str:
-        """The `policy` configuration with `name`'s setting, else the plain one, else its only
-        configuration (`drift (distill_steps=16)` against the one `every_n (distill_steps=8)` run:
-        the cost of a different setting against the reference as run; the last column says so)."""
+        """The `policy` configuration with `name`'s setting, else the plain one, else the one whose
+        setting agrees with `name`'s on the most fields (the first given on a tie): `drift
+        (distill_steps=30, gate_margin=0.05)` against `every_n (distill_steps=15, gate_margin=0.05)`,
+        `never` (no setting) against the first `every_n`. The last column names the pair."""
         found = plain.get((policy, settings[name])) or plain.get((policy, ()))
-        others = [c for (p, _), c in plain.items() if p == policy]
-        if found is None and len(others) == 1:
-            found = others[0]
+        others = [(c, dict(own)) for (p, own), c in plain.items() if p == policy]
+        if found is None and others:
+            mine = dict(settings[name])
+            found = max(others, key=lambda other: sum(other[1].get(k, object()) == v for k, v in mine.items()))[0]
         if found is None:
             raise ValueError(f"no finished `{policy}` run to compare `{name}` with (configurations: {', '.join(f'`{c}`' for c in by_config)}): "
                              f"the goal is measured against `{REFERENCE}` and `{FLOOR}` of the same seeds")

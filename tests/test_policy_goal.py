@@ -164,3 +164,25 @@ def test_frozen_runs_that_differ_only_in_refresh_fields_pool(tmp_path):
     drift = rows["drift (baseline=peak, gate_margin=0.05)"]
     assert drift[1] == "3" and drift[5].startswith("+20.0% [+20.0%, +20.0%]")
     assert drift[-1] == "`every_n (gate_margin=0.05)` / `never`"
+
+
+def test_a_configuration_pairs_with_the_reference_whose_setting_agrees_most(tmp_path):
+    """With every_n at two gate margins, `drift (distill_steps=16, gate_margin=0.05)` pairs with the
+    every_n of its margin (the field they share), and `never` (no setting) with the first given."""
+    from analysis.policy_goal import main
+
+    def edit(run, old, new):
+        config = run / "config.toml"
+        assert old in config.read_text()
+        config.write_text(config.read_text().replace(old, new))
+        return run
+
+    for seed in (0, 1):
+        constant_run(tmp_path / "a", "every_n", seed, 2.4, set(range(8)))
+        edit(constant_run(tmp_path / "b", "every_n", seed, 2.5, set(range(8))), "gate_margin = 0.05\n", "gate_margin = 0.0\n")
+        constant_run(tmp_path / "a", "never", seed, 2.0, set())
+        edit(constant_run(tmp_path / "c", "drift", seed, 2.28, {2, 6}), "distill_steps = 8\n", "distill_steps = 16\n")  # -5% against 2.4
+    rows = cells(main([tmp_path / "a", tmp_path / "b", tmp_path / "c"]))
+    drift = rows["drift (distill_steps=16, gate_margin=0.05)"]
+    assert drift[3].startswith("-5.0% [-5.0%, -5.0%]") and drift[-1] == "`every_n (distill_steps=8, gate_margin=0.05)` / `never`"
+    assert rows["never"][-1] == "`every_n (distill_steps=8, gate_margin=0.05)` / `never`"
