@@ -43,8 +43,7 @@ def resume_config(args: RunArgs):
     bad = [o for o in args.set if o.split("=", 1)[0].strip() not in RESUMABLE_OVERRIDES]
     if bad or args.config or args.preset != "default":
         raise ConfigError(f"--resume keeps the run's own config; only {', '.join(RESUMABLE_OVERRIDES)} may be changed (got {bad or '--config/--preset'})")
-    config_from_toml(args.resume / "config.toml")  # validates
-    return config_from_toml(args.resume / "config.toml", overrides=args.set)
+    return config_from_toml(args.resume / "config.toml", overrides=args.set)  # validates the file, then the overrides
 
 
 def cmd_run(args: RunArgs) -> int:

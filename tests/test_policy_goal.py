@@ -16,6 +16,19 @@ def constant_run(root: Path, policy: str, seed: int, accept_len: float, swap_ste
     return write_run(root / f"{name}__seed-{seed}", overrides, records, {"eval/accuracy": 0.5})
 
 
+def edit_config(run: Path, old: str, new: str) -> Path:
+    """Replace `old` (which must be there) with `new` in the run's config.toml."""
+    config = run / "config.toml"
+    assert old in config.read_text()
+    config.write_text(config.read_text().replace(old, new))
+    return run
+
+
+def margin(run: Path, value: float) -> Path:
+    """Set the run's `controller.gate_margin` (written as the default, 0.05)."""
+    return edit_config(run, "gate_margin = 0.05\n", f"gate_margin = {value}\n")
+
+
 def cells(md: str) -> dict[str, list[str]]:
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| `")]
     return {r[0].strip("`"): r for r in rows}
@@ -109,10 +122,6 @@ def test_pairing_with_args_and_a_setting_and_the_fallbacks(tmp_path):
     setting (a frozen drafter meets no gate)."""
     from analysis.policy_goal import main
 
-    def margin(run, value):
-        config = run / "config.toml"
-        config.write_text(config.read_text().replace("gate_margin = 0.05\n", f"gate_margin = {value}\n"))
-
     for seed in (0, 1):
         margin(constant_run(tmp_path, "never", seed, 2.0, set()), 0.2)
         margin(constant_run(tmp_path, "every_n", seed, 2.5, set(range(8))), 0.0)
@@ -131,15 +140,11 @@ def test_a_setting_no_reference_has_pairs_with_the_only_reference_there_is(tmp_p
     budget-per-refresh screen compares (smoke_drift_budget.toml); the last column names the pair."""
     from analysis.policy_goal import main
 
-    def steps(run, value):
-        config = run / "config.toml"
-        assert "distill_steps = 8\n" in config.read_text()  # the smoke preset's
-        config.write_text(config.read_text().replace("distill_steps = 8\n", f"distill_steps = {value}\n"))
-
     for seed in (0, 1):
         constant_run(tmp_path, "never", seed, 2.0, set())
         constant_run(tmp_path, "every_n", seed, 2.5, set(range(8)))
-        steps(constant_run(tmp_path, "drift", seed, 2.4, {2, 6}, {"baseline": "peak"}), 16)  # -4% against 2.5
+        drift = constant_run(tmp_path, "drift", seed, 2.4, {2, 6}, {"baseline": "peak"})  # -4% against 2.5
+        edit_config(drift, "distill_steps = 8\n", "distill_steps = 16\n")  # the smoke preset's 8
     drift = cells(main([tmp_path]))["drift (baseline=peak, distill_steps=16)"]
     assert drift[3].startswith("-4.0% [-4.0%, -4.0%]") and drift[5].startswith("+20.0%")
     assert drift[-1] == "`every_n (distill_steps=8)` / `never`"  # distillation steps are no part of a frozen drafter's setting
@@ -149,10 +154,6 @@ def test_frozen_runs_that_differ_only_in_refresh_fields_pool(tmp_path):
     """`never` seeds 0-1 from a strict-gate sweep and seed 2 from a margin sweep are one floor: the
     margin configuration pairs with it on all three seeds (out-of-sample seeds join earlier ones)."""
     from analysis.policy_goal import main
-
-    def margin(run, value):
-        config = run / "config.toml"
-        config.write_text(config.read_text().replace("gate_margin = 0.05\n", f"gate_margin = {value}\n"))
 
     for seed in (0, 1, 2):
         sweep = tmp_path / ("old" if seed < 2 else "new")
@@ -171,17 +172,11 @@ def test_a_configuration_pairs_with_the_reference_whose_setting_agrees_most(tmp_
     every_n of its margin (the field they share), and `never` (no setting) with the first given."""
     from analysis.policy_goal import main
 
-    def edit(run, old, new):
-        config = run / "config.toml"
-        assert old in config.read_text()
-        config.write_text(config.read_text().replace(old, new))
-        return run
-
     for seed in (0, 1):
         constant_run(tmp_path / "a", "every_n", seed, 2.4, set(range(8)))
-        edit(constant_run(tmp_path / "b", "every_n", seed, 2.5, set(range(8))), "gate_margin = 0.05\n", "gate_margin = 0.0\n")
+        edit_config(constant_run(tmp_path / "b", "every_n", seed, 2.5, set(range(8))), "gate_margin = 0.05\n", "gate_margin = 0.0\n")
         constant_run(tmp_path / "a", "never", seed, 2.0, set())
-        edit(constant_run(tmp_path / "c", "drift", seed, 2.28, {2, 6}), "distill_steps = 8\n", "distill_steps = 16\n")  # -5% against 2.4
+        edit_config(constant_run(tmp_path / "c", "drift", seed, 2.28, {2, 6}), "distill_steps = 8\n", "distill_steps = 16\n")  # -5% against 2.4
     rows = cells(main([tmp_path / "a", tmp_path / "b", tmp_path / "c"]))
     drift = rows["drift (distill_steps=16, gate_margin=0.05)"]
     assert drift[3].startswith("-5.0% [-5.0%, -5.0%]") and drift[-1] == "`every_n (distill_steps=8, gate_margin=0.05)` / `never`"
