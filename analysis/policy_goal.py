@@ -18,6 +18,8 @@ A configuration whose controller fields other than the policy and its args diffe
 among the runs, else with the plain ones, else with those whose fields agree most; the last column names them.
 The goal (issue 16): within 5% of the reference, at most 30% of its cost, at least 15% above the
 floor. A goal is "met" when the mean meets it and "met at 95%" when the whole interval does.
+Under the goal table, each configuration of an adaptive policy is paired with each one given before
+it of the same policy (acceptance length / the other's - 1 over the seeds both finished).
 The runs given should share one scenario; the table names the machines they ran on.
 """
 from __future__ import annotations
@@ -80,6 +82,8 @@ class GoalRow:
     refresh_share: Interval
     against: tuple[str, str] = (REFERENCE, FLOOR)
     """The reference and floor configurations it was paired with."""
+    accept_by_seed: tuple[tuple[int, float], ...] = ()
+    """Mean acceptance length of each seed it finished (all of them, paired or not)."""
 
     def verdicts(self) -> list[str]:
         """Per goal: "met at 95%", "met" (the mean only) or "missed"."""
@@ -120,8 +124,8 @@ def goal_rows(runs: list[RunData]) -> list[GoalRow]:
         (distill_steps=30, gate_margin=0.05)` against `every_n (distill_steps=15, gate_margin=0.05)`,
         `never` (no setting) against the first `every_n`. The last column names the pair."""
         found = plain.get((policy, settings[name])) or plain.get((policy, ()))
-        others = [(c, dict(own)) for (p, own), c in plain.items() if p == policy]
-        if found is None and others:
+        others = [(c, dict(own)) for (p, own), c in plain.items() if p == policy] if found is None else []
+        if others:
             mine = dict(settings[name])
             found = max(others, key=lambda other: sum(other[1].get(k, object()) == v for k, v in mine.items()))[0]
         if found is None:
@@ -140,8 +144,26 @@ def goal_rows(runs: list[RunData]) -> list[GoalRow]:
             return t_interval(seeds[s][i] / base[s][i] - minus if base[s][i] > 0 else float("nan") for s in paired)
 
         rows.append(GoalRow(name, len(paired), t_interval(seeds[s][0] for s in paired), ratio(0, ref, 1.0), ratio(1, ref),
-                            ratio(0, floor, 1.0), ratio(2, ref), against))
+                            ratio(0, floor, 1.0), ratio(2, ref), against, tuple((s, v[0]) for s, v in seeds.items())))
     return rows
+
+
+def policy_of(name: str) -> str:
+    return name.split(" (", 1)[0]
+
+
+def between(rows: list[GoalRow]) -> list[tuple[str, str, Interval]]:
+    """Each configuration of an adaptive policy against each one given before it of the same policy
+    (`drift (distill_steps=30)` against `drift`): acceptance length / the other's - 1 per shared seed."""
+    adaptive = [r for r in rows if policy_of(r.config) not in (REFERENCE, FLOOR)]
+    out = []
+    for i, row in enumerate(adaptive):
+        mine = dict(row.accept_by_seed)
+        for other in adaptive[:i]:
+            theirs = dict(other.accept_by_seed)
+            if policy_of(other.config) == policy_of(row.config) and len(set(mine) & set(theirs)) > 1:
+                out.append((row.config, other.config, t_interval(mine[s] / theirs[s] - 1 for s in mine if s in theirs)))
+    return out
 
 
 def percent(iv: Interval, signed: bool = True) -> str:
@@ -164,6 +186,11 @@ def markdown(rows: list[GoalRow], hardware: str) -> str:
     lines += ["", f"Per seed: acceptance length (mean over the run) / `{REFERENCE}`'s - 1, distill + swap seconds / "
               f"`{REFERENCE}`'s, acceptance length / `{FLOOR}`'s - 1, refreshes (swaps + refusals) / `{REFERENCE}`'s (the configurations the last column names); mean [95% Student-t interval] over the seeds all "
               "three finished. \"met\": the mean meets the goal; \"met at 95%\": the whole interval does; the cost goal is judged on seconds."]
+    pairs = between(rows)
+    if pairs:
+        lines += ["", "| configuration | against | shared seeds | accept len, paired |", "|---|---|---|---|"]
+        lines += [f"| `{a}` | `{b}` | {iv.n} | {percent(iv)} |" for a, b, iv in pairs]
+        lines += ["", "Configurations of one policy against each other: acceptance length / the other's - 1 over the seeds both finished, mean [95% Student-t interval]."]
     return "\n".join(lines)
 
 

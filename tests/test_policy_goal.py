@@ -30,7 +30,9 @@ def margin(run: Path, value: float) -> Path:
 
 
 def cells(md: str) -> dict[str, list[str]]:
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| `")]
+    """The goal table's rows by configuration (the paired table after it is left out)."""
+    goal = md.split("\n\n")[1]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in goal.splitlines() if line.startswith("| `")]
     return {r[0].strip("`"): r for r in rows}
 
 
@@ -181,3 +183,18 @@ def test_a_configuration_pairs_with_the_reference_whose_setting_agrees_most(tmp_
     drift = rows["drift (distill_steps=16, gate_margin=0.05)"]
     assert drift[3].startswith("-5.0% [-5.0%, -5.0%]") and drift[-1] == "`every_n (distill_steps=8, gate_margin=0.05)` / `never`"
     assert rows["never"][-1] == "`every_n (distill_steps=8, gate_margin=0.05)` / `never`"
+
+
+def test_configurations_of_one_policy_are_paired_with_each_other(tmp_path):
+    """Two `drift` settings on the same seeds get a paired acceptance row (2.52 against 2.4: +5%);
+    the reference and the floor get none."""
+    from analysis.policy_goal import main
+
+    for seed in (0, 1):
+        constant_run(tmp_path / "base", "never", seed, 2.0, set())
+        constant_run(tmp_path / "base", "every_n", seed, 2.5, set(range(8)))
+        constant_run(tmp_path / "a", "drift", seed, 2.4, {2, 6})
+        edit_config(constant_run(tmp_path / "b", "drift", seed, 2.52, {2, 6}), "distill_steps = 8\n", "distill_steps = 16\n")
+    md = main([tmp_path / "base", tmp_path / "a", tmp_path / "b"])
+    paired = next(block for block in md.split("\n\n") if block.startswith("| configuration | against"))
+    assert paired.splitlines()[2:] == ["| `drift (distill_steps=16)` | `drift (distill_steps=8)` | 2 | +5.0% [+5.0%, +5.0%] |"]

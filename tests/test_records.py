@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = re.compile(r"papers/[\w.-]+/[\w.-]+/runs/[\w.-]+")
-READMES = [ROOT / "README.md", *sorted((ROOT / "papers").rglob("README.md"))]
+PAPER_READMES = sorted((ROOT / "papers").rglob("README.md"))
+READMES = [ROOT / "README.md", *PAPER_READMES]
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
                                 reason="needs a git checkout of the repository (CI clones one)")
@@ -30,7 +31,7 @@ def named_records() -> set[str]:
     """Record folders a README names: full `papers/.../runs/<sweep>` paths anywhere, and a papers
     README's `runs/<sweep>` where its own folder holds a runs/ folder."""
     found = {m.rstrip(".") for readme in READMES for m in RECORD.findall(readme.read_text())}
-    for readme in READMES[1:]:
+    for readme in PAPER_READMES:
         if (readme.parent / "runs").is_dir():
             here = readme.parent.relative_to(ROOT).as_posix()
             found |= {f"{here}/runs/{name}" for name in re.findall(r"`runs/([\w.-]+)`", readme.read_text())}
