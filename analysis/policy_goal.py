@@ -84,6 +84,8 @@ class GoalRow:
     """The reference and floor configurations it was paired with."""
     accept_by_seed: tuple[tuple[int, float], ...] = ()
     """Mean acceptance length of each seed it finished (all of them, paired or not)."""
+    policy: str = ""
+    """Its `controller.policy`."""
 
     def verdicts(self) -> list[str]:
         """Per goal: "met at 95%", "met" (the mean only) or "missed"."""
@@ -108,14 +110,15 @@ def goal_rows(runs: list[RunData]) -> list[GoalRow]:
     plain: dict[tuple[str, tuple], str] = {}
     """(policy, setting) -> the configuration of that policy run without controller.args."""
     settings: dict[str, tuple] = {}
+    policies: dict[str, str] = {}
     runs = [r for r in runs if r.finished]
     keys = varying_keys(runs)
     for run in runs:
         s = summarize(run)
         name, own = label(run, keys), tuple(setting(run, keys).items())
-        settings[name] = own
+        settings[name], policies[name] = own, run.config_value("controller.policy", "?")
         if not run.config.get("controller", {}).get("args"):
-            plain[(run.config_value("controller.policy", "?"), own)] = name
+            plain[(policies[name], own)] = name
         by_config.setdefault(name, {})[int(run.config_value("run.seed", 0))] = (s.accept_len_mean, s.distill_swap_s, s.swaps + s.refusals)
 
     def match(policy: str, name: str) -> str:
@@ -144,24 +147,20 @@ def goal_rows(runs: list[RunData]) -> list[GoalRow]:
             return t_interval(seeds[s][i] / base[s][i] - minus if base[s][i] > 0 else float("nan") for s in paired)
 
         rows.append(GoalRow(name, len(paired), t_interval(seeds[s][0] for s in paired), ratio(0, ref, 1.0), ratio(1, ref),
-                            ratio(0, floor, 1.0), ratio(2, ref), against, tuple((s, v[0]) for s, v in seeds.items())))
+                            ratio(0, floor, 1.0), ratio(2, ref), against, tuple((s, v[0]) for s, v in seeds.items()), policies[name]))
     return rows
-
-
-def policy_of(name: str) -> str:
-    return name.split(" (", 1)[0]
 
 
 def between(rows: list[GoalRow]) -> list[tuple[str, str, Interval]]:
     """Each configuration of an adaptive policy against each one given before it of the same policy
     (`drift (distill_steps=30)` against `drift`): acceptance length / the other's - 1 per shared seed."""
-    adaptive = [r for r in rows if policy_of(r.config) not in (REFERENCE, FLOOR)]
+    adaptive = [r for r in rows if r.policy not in (REFERENCE, FLOOR)]
     out = []
     for i, row in enumerate(adaptive):
         mine = dict(row.accept_by_seed)
         for other in adaptive[:i]:
             theirs = dict(other.accept_by_seed)
-            if policy_of(other.config) == policy_of(row.config) and len(set(mine) & set(theirs)) > 1:
+            if other.policy == row.policy and len(set(mine) & set(theirs)) > 1:
                 out.append((row.config, other.config, t_interval(mine[s] / theirs[s] - 1 for s in mine if s in theirs)))
     return out
 
