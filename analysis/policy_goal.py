@@ -39,7 +39,7 @@ WITHIN, COST, ABOVE = -0.05, 0.30, 0.15
 acceptance against the floor >= ABOVE."""
 
 
-REFRESH_ONLY = frozenset(f"controller.{f}" for f in ("distill_steps", "distill_tokens", "buffer_steps", "teacher_top_k",
+REFRESH_ONLY = frozenset(f"controller.{f}" for f in ("distill_steps", "distill_lr", "distill_tokens", "buffer_steps", "teacher_top_k",
                                                      "reward_weighting", "gate", "gate_margin", "gate_steps"))
 """Controller fields that act only when a drafter is refreshed: a frozen drafter's (`never`'s) runs
 that differ in them are the same configuration (seeds 0-2 of one sweep pool with 3-5 of another)."""

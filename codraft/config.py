@@ -219,6 +219,9 @@ class ControllerConfig:
     built-in priors, one CPU's figures. Either way it keeps calibrating from the run's own steps."""
     distill_steps: int = 15
     """Distillation steps per refresh, unless the refresh policy sets a budget."""
+    distill_lr: float = 0.0
+    """AdamW learning rate of a refresh's distillation (0 = `drafter.lr`, the warm start's). A refresh
+    policy that distils seldom may move further per step than one that distils every step."""
     distill_tokens: int = 0
     """Stop a refresh's distillation after this many aligned positions (0 = no token budget)."""
     buffer_steps: int = 3
@@ -315,7 +318,7 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
-ADDED_FIELDS: dict[str, Any] = {"controller.gate_steps": 1, "controller.gate_margin": 0.0}
+ADDED_FIELDS: dict[str, Any] = {"controller.gate_steps": 1, "controller.gate_margin": 0.0, "controller.distill_lr": 0.0}
 """Fields added after runs were written, with the value a run whose config.toml lacks one ran with:
 resuming such a run keeps it (`codraft.configfile.config_from_toml`), and analysis reads the run so."""
 
@@ -350,6 +353,7 @@ def validate(cfg: Config) -> None:
         ("drafter.warmup_steps", cfg.drafter.warmup_steps >= 0, "must be >= 0"),
         ("drafter.warmup_prompts", cfg.drafter.warmup_prompts >= 1, "must be >= 1"),
         ("controller.distill_steps", cfg.controller.distill_steps >= 1, "must be >= 1"),
+        ("controller.distill_lr", cfg.controller.distill_lr >= 0, "must be >= 0 (0 = drafter.lr)"),
         ("controller.buffer_steps", cfg.controller.buffer_steps >= 1, "must be >= 1"),
         ("controller.holdout_fraction", 0 < cfg.controller.holdout_fraction < 1, "must be in (0, 1)"),
         ("controller.gate_steps", cfg.controller.gate_steps >= 1, "must be >= 1"),

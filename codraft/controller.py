@@ -232,7 +232,7 @@ class Controller:
         with timer("distill"):
             try:
                 stats = distill(
-                    candidate, data, parts, steps=steps, k=self.k, loss=cfg.drafter.loss, lr=cfg.drafter.lr,
+                    candidate, data, parts, steps=steps, k=self.k, loss=cfg.drafter.loss, lr=cfg.controller.distill_lr or cfg.drafter.lr,
                     batch_size=cfg.drafter.batch_size, vocab=self.vocab, seed=cfg.run.seed + self.version, max_tokens=cfg.controller.distill_tokens,
                 )
             except FloatingPointError as err:  # a non-finite loss never reaches the engine

@@ -50,6 +50,7 @@ CASES = [
     (["--set", "drafter.path=/nonexistent/drafter"], "drafter.path: no such directory"),
     (["--set", "model.head_dim=48"], "'model.head_dim' must be one of 32, 64"),
     (["--set", "controller.gate_margin=1.0"], "'controller.gate_margin' must be in [0, 1)"),
+    (["--set", "controller.distill_lr=-1e-3"], "'controller.distill_lr' must be >= 0 (0 = drafter.lr)"),
     (["--preset", "defualt"], "unknown preset 'defualt'; did you mean 'default'"),
 ]
 

@@ -237,6 +237,25 @@ def test_the_outcome_of_a_refresh_request_reaches_the_policy(controller, monkeyp
     assert outcomes == ["", "refuse", ""]
 
 
+@pytest.mark.parametrize("distill_lr, expected", [(0.0, "drafter"), (4e-3, 4e-3)])
+def test_a_refresh_distils_at_controller_distill_lr_else_at_the_drafters(controller, monkeypatch, distill_lr, expected):
+    """controller.distill_lr sets the refresh distillation's learning rate (0 = drafter.lr, the warm start's)."""
+    import dataclasses
+
+    import codraft.controller as controller_module
+
+    c, policy = controller
+    c.cfg = dataclasses.replace(c.cfg, controller=dataclasses.replace(c.cfg.controller, distill_lr=distill_lr))
+    seen = []
+    real = controller_module.distill
+    monkeypatch.setattr(controller_module, "distill", lambda *a, **kw: seen.append(kw["lr"]) or real(*a, **kw))
+    Recorder.refresh_now = True
+    record_step(c, policy, 8)
+    c.after_step(0, PROMPTS, step_generation(8, stats(0.6, 3, 40)), StageTimer())
+    assert seen == [c.cfg.drafter.lr if expected == "drafter" else expected]
+    assert c.cfg.drafter.lr != 4e-3
+
+
 def test_policy_kl_is_zero_against_itself_and_matches_a_hand_computation():
     from codraft.distill import examples_from_forward
     from codraft.drafter import Features
