@@ -7,7 +7,8 @@ Reads finished runs (any sweep directories). Per configuration (the swept values
 the measured acceptance length over early and late windows of steps (from summed counts, so every
 verify step weighs the same), the change, `drafter/policy_kl` and `train/entropy` at the end, and
 the slope of acceptance length against policy KL (least squares over the steps of every seed, with a
-95% interval from the per-seed slopes). Means over seeds with 95% Student-t intervals. Writes
+95% interval from the per-seed slopes), and the acceptance length over any further windows of steps
+asked for (`--window 10:15`: steps 10-14, repeatable; e.g. the steps just before a task shift). Means over seeds with 95% Student-t intervals. Writes
 `staleness.md`, `staleness.csv`, and two plots: acceptance length against step and against
 `drafter/policy_kl` (mean over seeds with a band; points per step for the KL plot). Every table
 names the hardware the runs ran on.
@@ -72,7 +73,11 @@ def configurations(runs: list[RunData]) -> list[Config]:
     return list(out.values())
 
 
-def config_row(conf: Config) -> dict[str, Any]:
+def window_key(steps: range) -> str:
+    return f"accept_steps_{steps.start}_{steps.stop - 1}"
+
+
+def config_row(conf: Config, windows: tuple[range, ...] = ()) -> dict[str, Any]:
     n_steps = min(len(r.steps) for r in conf.runs)
     early, late = range(0, WINDOW), range(n_steps - WINDOW, n_steps)
     per_seed = {
@@ -84,6 +89,7 @@ def config_row(conf: Config) -> dict[str, Any]:
         "slope_per_kl": [slope(r) for r in conf.runs],
     }
     per_seed["accept_change"] = [b - a for a, b in zip(per_seed["accept_early"], per_seed["accept_late"])]
+    per_seed.update({window_key(w): [window_accept_len(r, w) for r in conf.runs] for w in windows})
     row = {**conf.values, "n_seeds": len(conf.runs), "steps": n_steps}
     for key, values in per_seed.items():
         iv = t_interval(values)
@@ -96,21 +102,34 @@ COLUMNS = [("accept_early", "accept len, first {w} steps"), ("accept_late", "acc
            ("entropy_late", "entropy, last step"), ("slope_per_kl", "d accept len / d KL")]
 
 
-def markdown(rows: list[dict[str, Any]], keys: list[str], hardware: str) -> str:
+def markdown(rows: list[dict[str, Any]], keys: list[str], hardware: str, windows: tuple[range, ...] = ()) -> str:
+    columns = COLUMNS + [(window_key(w), f"accept len, steps {w.start}-{w.stop - 1}") for w in windows]
+
     def cell(row: dict[str, Any], key: str) -> str:
         mean, low, high = row[f"{key}_mean"], row[f"{key}_ci95_low"], row[f"{key}_ci95_high"]
         return fmt(mean) + (f" [{fmt(low)}, {fmt(high)}]" if math.isfinite(low) else "")
 
-    head = "| " + " | ".join(keys + ["seeds"] + [t.format(w=WINDOW) for _, t in COLUMNS]) + " |"
-    lines = [head, "|" + "---|" * (len(keys) + 1 + len(COLUMNS))]
+    head = "| " + " | ".join(keys + ["seeds"] + [t.format(w=WINDOW) for _, t in columns]) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 1 + len(columns))]
     for row in rows:
-        lines.append("| " + " | ".join([str(row[k]) for k in keys] + [str(row["n_seeds"])] + [cell(row, c) for c, _ in COLUMNS]) + " |")
+        lines.append("| " + " | ".join([str(row[k]) for k in keys] + [str(row["n_seeds"])] + [cell(row, c) for c, _ in columns]) + " |")
     note = (f"Means over seeds with 95% Student-t intervals (none with one seed: an anecdote). Acceptance lengths from summed counts; "
             f"the slope is the least-squares slope of per-step acceptance length against `drafter/policy_kl`, per seed. Hardware: {hardware}.")
     return "\n".join(lines + ["", note])
 
 
-def analyse(paths: list[Path], out: Path) -> Path:
+def parse_window(text: str) -> range:
+    """`START:END` -> the steps START .. END-1."""
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--window {text!r}: expected START:END, e.g. 10:15 for steps 10-14") from None
+    if not 0 <= start < end:
+        raise ValueError(f"--window {text!r}: needs 0 <= START < END")
+    return range(start, end)
+
+
+def analyse(paths: list[Path], out: Path, windows: tuple[range, ...] = ()) -> Path:
     from analysis.plots import plot_kl_acceptance, plot_staleness
 
     runs = [load_run(d) for p in paths for d in find_run_dirs(p) if is_finished(d)]
@@ -118,7 +137,7 @@ def analyse(paths: list[Path], out: Path) -> Path:
         raise FileNotFoundError(f"no finished runs under {', '.join(map(str, paths))}")
     confs = configurations(runs)
     keys = list(confs[0].values)
-    rows = [config_row(c) for c in confs]
+    rows = [config_row(c, windows) for c in confs]
     machines = sorted({label(h) for h in (read_hardware(r.path) for r in runs) if h} or {"not recorded"})
     hardware = machines[0] if len(machines) == 1 else "DIFFERENT machines: " + "; ".join(machines)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +146,7 @@ def analyse(paths: list[Path], out: Path) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "staleness.csv", buf.getvalue())
-    atomic_write_text(out / "staleness.md", f"# Staleness from RL drift\n\n{len(runs)} runs.\n\n{markdown(rows, keys, hardware)}\n")
+    atomic_write_text(out / "staleness.md", f"# Staleness from RL drift\n\n{len(runs)} runs.\n\n{markdown(rows, keys, hardware, windows)}\n")
     plot_staleness(runs, out / "accept_len_vs_step.png")
     plot_kl_acceptance(runs, out / "accept_len_vs_policy_kl.png")
     return out / "staleness.md"
@@ -139,6 +158,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--window", action="append", default=[], metavar="START:END", help="also the acceptance length over steps START..END-1 (repeatable)")
     args = parser.parse_args()
-    print(analyse(args.paths, args.out).read_text())
+    try:
+        windows = tuple(parse_window(w) for w in args.window)
+    except ValueError as err:
+        parser.error(str(err))
+    print(analyse(args.paths, args.out, windows).read_text())
     sys.exit(0)

@@ -59,3 +59,17 @@ def test_runs_of_one_policy_with_and_without_a_policy_field_are_two_configuratio
     table = [[c.strip() for c in r.split("|")[1:-1]] for r in md.splitlines() if r.startswith("| ")]
     assert table[0][:2] == ["controller.args.baseline", "seeds"]
     assert [row[:2] for row in table[1:]] == [["None", "2"], ["peak", "2"]], md  # None: the policy's default
+
+
+def test_a_window_asked_for_adds_its_acceptance_column(tmp_path):
+    """`--window 10:15`: the acceptance length over steps 10-14, from summed counts, after the usual columns."""
+    from analysis.staleness import analyse, parse_window
+
+    for seed in (0, 1):
+        drifting_run(tmp_path / "sweep" / f"policy-never__seed-{seed}", "never", seed)
+    md = analyse([tmp_path / "sweep"], tmp_path / "out", (parse_window("10:15"),)).read_text()
+    head, row = [[c.strip() for c in r.split("|")[1:-1]] for r in md.splitlines() if r.startswith("| ") and "---" not in r]
+    assert head[-1] == "accept len, steps 10-14"
+    assert float(row[-1].split()[0]) == pytest.approx(2.5 - 2 * 0.12, abs=0.01)  # mean KL over steps 10-14 is 0.12
+    with pytest.raises(ValueError, match="START < END"):
+        parse_window("15:10")
