@@ -48,7 +48,7 @@ that differ in them are the same configuration (seeds 0-2 of one sweep pool with
 def setting(run: RunData, keys: Sequence[str] = ()) -> dict[str, object]:
     """The controller fields among `keys` (those that vary between the runs compared) other than the
     policy and its args, e.g. {"gate_margin": 0.05}; each left out where it holds the value runs had
-    before the field existed (`ABSENT_MEANS`: gate_steps = 1, gate_margin = 0), and for the floor
+    before the field existed (`ABSENT_MEANS`: gate_steps = 1, gate_margin = 0, distill_lr = 0), and for the floor
     (`never`) the fields that act only on a refresh (`REFRESH_ONLY`)."""
     frozen = run.config_value("controller.policy", "?") == FLOOR
     out = {}

@@ -8,10 +8,10 @@ the measured acceptance length over early and late windows of steps (from summed
 verify step weighs the same), the change, `drafter/policy_kl` and `train/entropy` at the end, and
 the slope of acceptance length against policy KL (least squares over the steps of every seed, with a
 95% interval from the per-seed slopes), and the acceptance length over any further windows of steps
-asked for (`--window 10:15`: steps 10-14, repeatable; e.g. the steps just before a task shift). Means over seeds with 95% Student-t intervals. Writes
-`staleness.md`, `staleness.csv`, and two plots: acceptance length against step and against
-`drafter/policy_kl` (mean over seeds with a band; points per step for the KL plot). Every table
-names the hardware the runs ran on.
+asked for (`--window 10:15`: steps 10-14, repeatable; e.g. the steps just before a task shift).
+Means over seeds with 95% Student-t intervals. Writes `staleness.md`, `staleness.csv`, and two
+plots: acceptance length against step and against `drafter/policy_kl` (mean over seeds with a
+band; points per step for the KL plot). Every table names the hardware the runs ran on.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.runs import RunData, find_run_dirs, is_finished, load_run, read_hardware, series, step_acceptance, varying_keys
+from analysis.runs import ABSENT_MEANS, RunData, find_run_dirs, is_finished, load_run, read_hardware, series, step_acceptance, varying_keys
 from analysis.stats import SEED_KEY, t_interval
 from analysis.tables import fmt
 from codraft.acceptance import AcceptanceStats
@@ -68,18 +68,22 @@ def configurations(runs: list[RunData]) -> list[Config]:
     keys = [k for k in varying_keys(runs) if k != SEED_KEY]
     out: dict[tuple, Config] = {}
     for run in runs:
-        values = {k: run.config_value(k) for k in keys}
+        values = {k: run.config_value(k, ABSENT_MEANS.get(k)) for k in keys}  # a field older runs lack: the value they ran with
         out.setdefault(tuple(map(repr, values.values())), Config(values)).runs.append(run)
     return list(out.values())
 
 
 def window_key(steps: range) -> str:
+    """The row key of a window's acceptance length, e.g. accept_steps_10_14."""
     return f"accept_steps_{steps.start}_{steps.stop - 1}"
 
 
 def config_row(conf: Config, windows: tuple[range, ...] = ()) -> dict[str, Any]:
     n_steps = min(len(r.steps) for r in conf.runs)
     early, late = range(0, WINDOW), range(n_steps - WINDOW, n_steps)
+    past = [w for w in windows if w.stop > n_steps]
+    if past:
+        raise ValueError(f"--window {past[0].start}:{past[0].stop} reaches past the {n_steps} steps the runs of {conf.values} have")
     per_seed = {
         "accept_early": [window_accept_len(r, early) for r in conf.runs],
         "accept_late": [window_accept_len(r, late) for r in conf.runs],
@@ -162,7 +166,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         windows = tuple(parse_window(w) for w in args.window)
+        print(analyse(args.paths, args.out, windows).read_text())
     except ValueError as err:
         parser.error(str(err))
-    print(analyse(args.paths, args.out, windows).read_text())
     sys.exit(0)

@@ -199,7 +199,7 @@ class DrafterConfig:
     """Training prompts the warm start samples 4 completions each for (at least 4 x `batch_size`,
     at most the training split); an eighth of the completions is held out to measure it."""
     lr: float = 1e-3
-    """Drafter learning rate (warm start and refreshes)."""
+    """Drafter learning rate: the warm start's, and the refreshes' unless `controller.distill_lr` is set."""
     batch_size: int = 16
     """Sequences per distillation step."""
     loss: Literal["fkl", "rkl", "tv", "ce"] = "fkl"
@@ -220,8 +220,8 @@ class ControllerConfig:
     distill_steps: int = 15
     """Distillation steps per refresh, unless the refresh policy sets a budget."""
     distill_lr: float = 0.0
-    """AdamW learning rate of a refresh's distillation (0 = `drafter.lr`, the warm start's). A refresh
-    policy that distils seldom may move further per step than one that distils every step."""
+    """AdamW learning rate of a refresh's distillation (0 = `drafter.lr`, the warm start's): the
+    refreshes' rate can then be tuned for a refresh policy without changing the drafter it starts from."""
     distill_tokens: int = 0
     """Stop a refresh's distillation after this many aligned positions (0 = no token budget)."""
     buffer_steps: int = 3

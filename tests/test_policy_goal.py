@@ -72,7 +72,7 @@ def test_a_missing_reference_is_named(tmp_path):
         main([tmp_path])
 
 
-@pytest.mark.parametrize("field, old_value, new_value", [("gate_steps", "1", "3"), ("gate_margin", "0.05", "0.1")])
+@pytest.mark.parametrize("field, old_value, new_value", [("gate_steps", "1", "3"), ("gate_margin", "0.05", "0.1"), ("distill_lr", "0.0", "0.0005")])
 def test_a_controller_field_that_older_runs_lack_reads_as_their_value_and_separates_configurations(tmp_path, field, old_value, new_value):
     """Runs from before `controller.gate_steps` (no such line in config.toml) gated like gate_steps = 1
     (before `gate_margin`, like margin 0): they pair with newer runs at that value and are apart from
@@ -167,6 +167,22 @@ def test_frozen_runs_that_differ_only_in_refresh_fields_pool(tmp_path):
     drift = rows["drift (baseline=peak, gate_margin=0.05)"]
     assert drift[1] == "3" and drift[5].startswith("+20.0% [+20.0%, +20.0%]")
     assert drift[-1] == "`every_n (gate_margin=0.05)` / `never`"
+
+
+def test_frozen_runs_that_differ_only_in_the_refresh_learning_rate_pool(tmp_path):
+    """`controller.distill_lr` acts only on a refresh: `never` at two rates is one floor, and the
+    configurations that refresh stay apart by it."""
+    from analysis.policy_goal import main
+
+    for seed in (0, 1):
+        for lr in ("0.0", "0.0005"):
+            rate = lambda run: edit_config(run, "distill_lr = 0.0\n", f"distill_lr = {lr}\n")  # noqa: E731
+            rate(constant_run(tmp_path / f"lr{lr}", "never", seed, 2.0, set()))
+            rate(constant_run(tmp_path / f"lr{lr}", "drift", seed, 2.4 if lr == "0.0" else 2.2, {2, 6}))
+        constant_run(tmp_path / "ref", "every_n", seed, 2.5, set(range(8)))
+    rows = cells(main([tmp_path / "ref", tmp_path / "lr0.0", tmp_path / "lr0.0005"]))
+    assert set(rows) == {"every_n", "never", "drift", "drift (distill_lr=0.0005)"}
+    assert rows["never"][1] == "2" and rows["drift (distill_lr=0.0005)"][5].startswith("+10.0% [")
 
 
 def test_a_configuration_pairs_with_the_reference_whose_setting_agrees_most(tmp_path):
