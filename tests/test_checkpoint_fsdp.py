@@ -15,11 +15,11 @@ import os
 
 import pytest
 import torch
-from test_distributed import free_port, global_batch, has_fsdp2, run_step, tiny_qwen3
+from test_distributed import end_rank, free_port, global_batch, has_fsdp2, run_step, tiny_qwen3
 
 from codraft import checkpoint
 from codraft.config import ConfigError, GRPOConfig
-from codraft.distributed import DistConfig, DistributedTrainer, DistState, full_state_dict, init_from_env, shutdown, wrap_policy
+from codraft.distributed import DistConfig, DistributedTrainer, DistState, full_state_dict, init_from_env, wrap_policy
 from codraft.lora import LoRAConfig, apply_lora
 
 CFG = GRPOConfig(lr=1e-2, mini_batches=2, micro_batch_tokens=24, autocast_bf16=False)
@@ -100,7 +100,7 @@ def _rank_main(rank: int, world: int, port: int, run_dir: str, out: str) -> None
             torch.save(results, out)
         finished = True
     finally:
-        shutdown(drain=finished)
+        end_rank(finished)
 
 
 @pytest.mark.skipif(not has_fsdp2(), reason="no FSDP2 (fully_shard) in this torch")

@@ -7,6 +7,7 @@ same batch. fp32, autocast off; tolerance atol 1e-5 on weights and log-probs, 1e
 """
 import os
 import socket
+import sys
 from dataclasses import replace
 
 import pytest
@@ -83,7 +84,23 @@ def _rank_main(rank: int, world: int, port: int, strategy: str, out: str) -> Non
             torch.save(results, out)
         finished = True
     finally:
-        shutdown(drain=finished)
+        end_rank(finished)
+
+
+def end_rank(finished: bool) -> None:
+    """Leave the process group; after a rank that finished, exit the spawned process at once
+    (os._exit) rather than through interpreter finalization. Once (CI, 2026-12-02) rank 1 of
+    test_two_fsdp_ranks_resume_exactly died with "terminate called without an active exception"
+    (SIGABRT) while rank 0 was still alive. The likely cause is torch's, not codraft's: a gloo worker
+    thread that frees a finished collective's tensors needs the GIL, and a thread asking for the GIL
+    while the interpreter finalizes is ended with pthread_exit, which C++ turns into std::terminate
+    (pytorch/pytorch PR 179291 describes the same abort). Results are written before this; a rank
+    that raised still leaves with its exception, which spawn reports."""
+    shutdown(drain=finished)
+    if finished:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def free_port() -> int:
