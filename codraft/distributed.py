@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import gc
 import inspect
 import os
 from dataclasses import dataclass, replace
@@ -105,13 +104,8 @@ def shutdown(drain: bool = True) -> None:
     GIL held (from `destroy_process_group` or from a DDP reducer that outlives it), waits for the
     queue to empty, and the worker thread finishing that collective waits for the GIL to free its
     tensors (seen in the two-rank DDP test). Pass False when leaving on an error: the other ranks
-    may never reach the barrier.
-
-    Garbage in reference cycles (modules with hooks, FSDP state) can hold the last handles of
-    finished collectives; it is collected first, while the group and the interpreter are alive,
-    so that no gloo worker is left to free their tensors (which takes the GIL) at interpreter exit."""
+    may never reach the barrier."""
     if dist.is_initialized():
-        gc.collect()
         if drain:
             dist.barrier()
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ into the step directory, rank 0 publishes, and a resume restores it exactly on t
   weights after it must be bitwise equal to the uninterrupted ones.
 """
 import dataclasses
+import faulthandler
 import json
 import os
 
@@ -81,6 +82,7 @@ def _trainer(state: DistState, lora_rank: int, seed: int) -> DistributedTrainer:
 def _rank_main(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    faulthandler.enable()  # a crash prints every thread's Python stack (test_distributed.end_rank)
     state = init_from_env(DistConfig(strategy="fsdp", timeout_minutes=2))
     finished = False
     try:

@@ -5,6 +5,7 @@ broadcast, scores and updates its rows with DistributedTrainer (plain, with a KL
 and rank 0 writes the diagnostics and the gathered full (LoRA-merged) weights to a file; the parent compares them with GRPOTrainer's update on the
 same batch. fp32, autocast off; tolerance atol 1e-5 on weights and log-probs, 1e-5 relative on stats.
 """
+import faulthandler
 import os
 import socket
 import sys
@@ -69,6 +70,7 @@ def run_step(trainer, batch, adv):
 def _rank_main(rank: int, world: int, port: int, strategy: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    faulthandler.enable()  # a crash prints every thread's Python stack (see end_rank)
     state = init_from_env(DistConfig(strategy=strategy, timeout_minutes=2))
     finished = False
     try:
@@ -91,11 +93,16 @@ def end_rank(finished: bool) -> None:
     """Leave the process group; after a rank that finished, exit the spawned process at once
     (os._exit) rather than through interpreter finalization. Once (CI, 2026-12-02) rank 1 of
     test_two_fsdp_ranks_resume_exactly died with "terminate called without an active exception"
-    (SIGABRT) while rank 0 was still alive. The likely cause is torch's, not codraft's: a gloo worker
-    thread that frees a finished collective's tensors needs the GIL, and a thread asking for the GIL
-    while the interpreter finalizes is ended with pthread_exit, which C++ turns into std::terminate
-    (pytorch/pytorch PR 179291 describes the same abort). Results are written before this; a rank
-    that raised still leaves with its exception, which spawn reports."""
+    (SIGABRT) while rank 0 was still alive. Where it died is not known. A suspected cause, in torch
+    and CPython rather than codraft: FSDP2 keeps a reference to the process group, so gloo's worker
+    threads outlive destroy_process_group; before Python 3.14 a non-Python thread that takes the GIL
+    during finalization (as torch does to release a tensor's Python object) is ended with
+    pthread_exit, and unwinding through a noexcept C++ frame calls std::terminate (pytorch/pytorch
+    issues 38228 and 190489; the closed, unmerged PR 179291 describes it for a process that never
+    destroys its group). Exiting here skips finalization and that window; it does not help if the
+    abort came earlier, which the faulthandler each rank enables would then show (every thread's
+    Python stack on SIGABRT). Results are written and closed before this; a rank that raised, or
+    whose shutdown raised, still leaves with its exception, which spawn reports."""
     shutdown(drain=finished)
     if finished:
         sys.stdout.flush()
