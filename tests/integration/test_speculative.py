@@ -98,8 +98,14 @@ def test_indexed_rollouts_raise_acceptance(served, setup):
 
 def test_hybrid_mixes_its_sources(served, setup):
     """The hybrid's mixer counts every verified row once, its sources' counts add up to no more than
-    the engine's, the suffix drafts more rows once earlier rollouts are indexed, and the mix gets
-    at least what either source alone would have (scored on the same rows)."""
+    the engine's, the suffix index alone accepts more once earlier rollouts are indexed, and the
+    mix gets at least what either source alone would have (scored on the same rows).
+
+    How much of the mix the suffix gets is the mixer's choice from the evidence, not a property to
+    assert: on an Intel Xeon with AMX its share rose once the rollouts were indexed, but on an AMD
+    EPYC Zen 4 (CI, 2026-12-03) the learned part stayed ahead (alone 2.03 against the index's 1.48)
+    and the mix took none of the suffix's drafts (share 0.043, then 0), getting what the better
+    source alone would have (2.03)."""
     from codraft.engine import Sampling
     from drafters.hybrid import HybridDrafter
 
@@ -121,7 +127,6 @@ def test_hybrid_mixes_its_sources(served, setup):
             assert m["spec/learned/accepted"] + m["spec/suffix/accepted"] <= acc.accepted
             assert m["spec/learned/draft_tokens"] + m["spec/suffix/draft_tokens"] <= acc.draft_tokens
             assert acc.accept_len >= max(m["spec/learned/alone_accept_len"], m["spec/suffix/alone_accept_len"]) - 0.05
-        assert second["spec/suffix/share"] > first["spec/suffix/share"]
         assert second["spec/suffix/alone_accept_len"] > first["spec/suffix/alone_accept_len"]
     finally:
         drafter.load_runtime_state({}, eng)
