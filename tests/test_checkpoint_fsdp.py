@@ -10,17 +10,15 @@ into the step directory, rank 0 publishes, and a resume restores it exactly on t
   weights after it must be bitwise equal to the uninterrupted ones.
 """
 import dataclasses
-import faulthandler
 import json
-import os
 
 import pytest
 import torch
-from test_distributed import end_rank, free_port, global_batch, has_fsdp2, run_step, tiny_qwen3
+from test_distributed import end_rank, free_port, global_batch, has_fsdp2, run_step, start_rank, tiny_qwen3
 
 from codraft import checkpoint
 from codraft.config import ConfigError, GRPOConfig
-from codraft.distributed import DistConfig, DistributedTrainer, DistState, full_state_dict, init_from_env, wrap_policy
+from codraft.distributed import DistributedTrainer, DistState, full_state_dict, wrap_policy
 from codraft.lora import LoRAConfig, apply_lora
 
 CFG = GRPOConfig(lr=1e-2, mini_batches=2, micro_batch_tokens=24, autocast_bf16=False)
@@ -80,10 +78,7 @@ def _trainer(state: DistState, lora_rank: int, seed: int) -> DistributedTrainer:
 
 
 def _rank_main(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    faulthandler.enable()  # a crash prints every thread's Python stack (test_distributed.end_rank)
-    state = init_from_env(DistConfig(strategy="fsdp", timeout_minutes=2))
+    state = start_rank(rank, world, port, "fsdp")
     finished = False
     try:
         results = {}

@@ -67,11 +67,17 @@ def run_step(trainer, batch, adv):
     return scored, trainer.update(batch, scored, adv)
 
 
-def _rank_main(rank: int, world: int, port: int, strategy: str, out: str) -> None:
+def start_rank(rank: int, world: int, port: int, strategy: str) -> DistState:
+    """Join a spawned rank to the gloo group of `world` on localhost:`port` (one thread each); a
+    crash prints every thread's Python stack (faulthandler; see end_rank)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    faulthandler.enable()  # a crash prints every thread's Python stack (see end_rank)
-    state = init_from_env(DistConfig(strategy=strategy, timeout_minutes=2))
+    faulthandler.enable()
+    return init_from_env(DistConfig(strategy=strategy, timeout_minutes=2))
+
+
+def _rank_main(rank: int, world: int, port: int, strategy: str, out: str) -> None:
+    state = start_rank(rank, world, port, strategy)
     finished = False
     try:
         results = {}
