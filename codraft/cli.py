@@ -16,6 +16,7 @@ import logging
 import operator
 import os
 import sys
+import traceback
 from typing import Annotated
 
 import tyro
@@ -60,7 +61,8 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the `codraft` command itself, not a call from Python
+    from_shell = argv is None  # the `codraft` command itself, not a call from Python
+    if from_shell:
         from codraft.openmp import reexec_with_intel_openmp
 
         reexec_with_intel_openmp()
@@ -71,12 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     parsed = tyro.cli(tyro.conf.OmitSubcommandPrefixes[functools.reduce(operator.or_, subcommands)], args=argv, prog="codraft")
     cmd = next(c for c in table.values() if type(parsed) is c.args_type)
     try:
-        return cmd.fn(parsed)
+        code = cmd.fn(parsed)
     except Exception as err:
-        if os.environ.get("CODRAFT_DEBUG") or not (isinstance(err, EXPECTED) or getattr(err, "user_facing", False)):
+        expected = isinstance(err, EXPECTED) or getattr(err, "user_facing", False)
+        if expected and not os.environ.get("CODRAFT_DEBUG"):
+            print(f"codraft {cmd.name}: error: {err}", file=sys.stderr)
+            code = 2
+        elif from_shell and left_torchrun_group():
+            traceback.print_exc()  # what Python would print, before the exit below
+            code = 1
+        else:
             raise
-        print(f"codraft {cmd.name}: error: {err}", file=sys.stderr)
-        return 2
+    if from_shell and left_torchrun_group():
+        from codraft.distributed import exit_skipping_finalization
+
+        exit_skipping_finalization(code)
+    return code
+
+
+def left_torchrun_group() -> bool:
+    """Whether this process joined a torchrun process group and has left it: it then exits without
+    interpreter finalization (codraft.distributed.exit_skipping_finalization says why). Read from
+    sys.modules, so that commands that never train import no torch."""
+    distributed = sys.modules.get("codraft.distributed")
+    return distributed is not None and distributed.left_group()
 
 
 if __name__ == "__main__":

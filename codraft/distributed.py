@@ -10,7 +10,8 @@
 
 Launch: `torchrun --nproc-per-node 8 -m codraft ...` on one node; several nodes add
 `--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT` (see README.md, "Scaling out"). Without
-torchrun the world size is 1, no process group is created and every function is a no-op.
+torchrun the world size is 1, no process group is created and every function is a no-op (but
+`exit_skipping_finalization`, which ends the process).
 
 Who does what in a step (synchronous, single rollout engine):
 - The main rank (rank 0) owns the rollout engine, the rewards and the drafter controller. It pushes
@@ -45,12 +46,14 @@ GPUs, NCCL, several nodes, vLLM tensor parallelism next to training ranks.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import inspect
 import os
+import sys
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -78,11 +81,15 @@ class DistState:
         return self.world_size > 1
 
 
+_group = "none"  # the torchrun group of this process: "none", "joined" (init_from_env), "left" (shutdown)
+
+
 def init_from_env(cfg: DistConfig = DistConfig()) -> DistState:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 
     Without those variables, or with WORLD_SIZE=1, this is one process and no group is created.
     """
+    global _group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -93,11 +100,13 @@ def init_from_env(cfg: DistConfig = DistConfig()) -> DistState:
     if world_size > 1 and not dist.is_initialized():
         backend = cfg.backend or ("nccl" if cuda else "gloo")
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+        _group = "joined"
     return DistState(rank, world_size, local_rank, device)
 
 
 def shutdown(drain: bool = True) -> None:
-    """Leave the process group (if one was created).
+    """Leave the default process group (if one exists; `left_group()` then says whether it was
+    the one init_from_env joined).
 
     drain: first wait at a barrier (gloo's waits for every collective queued before it). A gloo
     group destroyed while a collective is still queued deadlocks: its destructor, called with the
@@ -105,10 +114,42 @@ def shutdown(drain: bool = True) -> None:
     queue to empty, and the worker thread finishing that collective waits for the GIL to free its
     tensors (seen in the two-rank DDP test). Pass False when leaving on an error: the other ranks
     may never reach the barrier."""
+    global _group
     if dist.is_initialized():
         if drain:
             dist.barrier()
         dist.destroy_process_group()
+        if _group == "joined":  # not a group vLLM made for an in-process engine and left behind
+            _group = "left"
+
+
+def left_group() -> bool:
+    """Whether this process joined torchrun's process group (init_from_env) and left it (shutdown)."""
+    return _group == "left"
+
+
+def exit_skipping_finalization(code: int) -> NoReturn:
+    """End the process with `code` after its atexit handlers (logging's flush among them, vLLM's
+    and multiprocessing's clean-ups) and a flush of stdout and stderr, but without interpreter
+    finalization (os._exit). For a process that left a process group: FSDP2 keeps a reference to
+    the group, so gloo's worker threads can outlive destroy_process_group, and before Python 3.14
+    such a thread that takes the GIL once finalization has begun (torch does, to release a tensor's
+    Python object) is ended with pthread_exit; unwinding through a noexcept C++ frame then aborts
+    the process ("terminate called without an active exception", SIGABRT; pytorch/pytorch issues
+    38228 and 190489). Seen once, in a spawned two-rank FSDP2 test rank, at or before its exit (CI,
+    2026-12-02); where it aborted is not known.
+
+    Py_FinalizeEx (3.11) first joins the non-daemon threads (skipped here: one may wait forever),
+    then runs the atexit handlers, and only then marks the interpreter finalizing, so running the
+    handlers here is as safe as in a normal exit. Skipped with the rest: the flush of C stdio
+    buffers and of Python files left open; codraft writes its outputs whole and closes them."""
+    try:
+        atexit._run_exitfuncs()  # a handler that raises is reported, and the others still run
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed pipe, or no stream
+                stream.flush()
+    finally:
+        os._exit(code)
 
 
 def barrier(state: DistState) -> None:

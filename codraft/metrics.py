@@ -72,6 +72,12 @@ class MetricsSink:
     def records(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path)
 
+    def close(self) -> None:
+        """Flush and close the TensorBoard mirror (metrics.jsonl is written whole, line by line)."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
 
 def stage_shares(records: list[dict[str, Any]]) -> dict[str, float]:
     """Share of the summed step time spent in each stage, over all records."""

@@ -67,6 +67,9 @@ class RunOutputs:
     def write(self, record: dict[str, Any]) -> None:
         self.sink.write(record)
 
+    def close(self) -> None:
+        self.sink.close()
+
     def write_samples(self, step: int, rows: list[dict[str, Any]], gen: Generation, scores: Scores) -> None:
         G = self.group_size
         for k in range(min(self.samples_per_step, len(gen.completions))):
@@ -117,6 +120,8 @@ class Parts:
 
     def close(self) -> None:
         self.controller.close()
+        if self.outputs is not None:
+            self.outputs.close()
         if self.rollouts is not None:
             self.rollouts.close()
         elif self.engine is not None:

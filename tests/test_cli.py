@@ -1,5 +1,6 @@
 """The command line: subcommands found through entry points, refused when defined twice, the same
-table from `python -m codraft.cli` and `codraft`, and a failed step that leaves its traceback."""
+table from `python -m codraft.cli` and `codraft`, a failed step that leaves its traceback, and the
+exit of a torchrun rank that has left its group."""
 import dataclasses
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 
 from codraft.cli import commands, main
 from codraft.cliargs import Command, command_table
+from conftest import child_env
 
 
 def test_core_and_analysis_commands_are_found():
@@ -59,3 +61,32 @@ def test_failed_step_writes_its_traceback_to_error_log(tiny_overrides, tiny_poli
     assert f"traceback in {out / 'error.log'}" in err and "engine died" in err and "--resume" in err
     log = (out / "error.log").read_text()
     assert "Traceback (most recent call last)" in log and "broken_generate" in log and "RuntimeError: engine died" in log
+
+
+@pytest.mark.parametrize(("body", "code", "on_stderr"), [
+    ("print('ran'); return 0", 0, None),
+    ("raise ConfigError('bad key')", 2, "codraft policies: error: bad key"),
+    ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+])
+def test_a_torchrun_rank_that_left_its_group_exits_without_finalization(body, code, on_stderr):
+    """The `codraft` command in a rank that has left torchrun's group ends through
+    exit_skipping_finalization whatever the command did: its code (2 for an expected error, 1 with
+    the traceback for any other), its exit handlers run, and no wait for a non-daemon thread."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "import codraft.cli as cli, codraft.distributed as distributed\n"
+        "from codraft.config import ConfigError\n"
+        "table = cli.commands()\n"
+        f"def fn(args):\n    {body}\n"
+        "cli.commands = lambda: {**table, 'policies': table['policies']._replace(fn=fn)}\n"
+        "distributed._group = 'left'  # as after shutdown() in a rank that init_from_env joined\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+        "sys.argv = ['codraft', 'policies']\n"
+        "sys.exit(cli.main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=child_env(CODRAFT_INTEL_OPENMP="0"))
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "exit handler ran"
+    if on_stderr:
+        assert on_stderr in proc.stderr

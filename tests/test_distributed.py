@@ -8,6 +8,7 @@ same batch. fp32, autocast off; tolerance atol 1e-5 on weights and log-probs, 1e
 import faulthandler
 import os
 import socket
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -16,9 +17,10 @@ import torch
 
 from codraft.batch import make_batch
 from codraft.config import GRPOConfig
-from codraft.distributed import DistConfig, DistributedTrainer, DistState, broadcast_object, full_state_dict, init_from_env, shard_rows, shutdown, wrap_policy
+from codraft.distributed import DistConfig, DistributedTrainer, DistState, broadcast_object, exit_skipping_finalization, full_state_dict, init_from_env, left_group, shard_rows, shutdown, wrap_policy
 from codraft.grpo import GRPOTrainer
 from codraft.lora import LoRAConfig, apply_lora, merged_state_dict
+from conftest import child_env
 
 VOCAB = 64
 ROWS = 8
@@ -96,24 +98,16 @@ def _rank_main(rank: int, world: int, port: int, strategy: str, out: str) -> Non
 
 
 def end_rank(finished: bool) -> None:
-    """Leave the process group; after a rank that finished, exit the spawned process at once
-    (os._exit) rather than through interpreter finalization. Once (CI, 2026-12-02) rank 1 of
-    test_two_fsdp_ranks_resume_exactly died with "terminate called without an active exception"
-    (SIGABRT) while rank 0 was still alive. Where it died is not known. A suspected cause, in torch
-    and CPython rather than codraft: FSDP2 keeps a reference to the process group, so gloo's worker
-    threads outlive destroy_process_group; before Python 3.14 a non-Python thread that takes the GIL
-    during finalization (as torch does to release a tensor's Python object) is ended with
-    pthread_exit, and unwinding through a noexcept C++ frame calls std::terminate (pytorch/pytorch
-    issues 38228 and 190489; the closed, unmerged PR 179291 describes it for a process that never
-    destroys its group). Exiting here skips finalization and that window; it does not help if the
-    abort came earlier, which the faulthandler each rank enables would then show (every thread's
-    Python stack on SIGABRT). Results are written and closed before this; a rank that raised, or
-    whose shutdown raised, still leaves with its exception, which spawn reports."""
+    """Leave the process group; a rank that finished then exits without interpreter finalization,
+    as a `codraft` torchrun rank does (distributed.exit_skipping_finalization says why: once, in CI,
+    2026-12-02, rank 1 of test_two_fsdp_ranks_resume_exactly aborted with "terminate called without
+    an active exception"). It does not help if an abort comes earlier, which the faulthandler each
+    rank enables would then show. A rank that raised, or whose shutdown raised, still leaves with
+    its exception, which spawn reports."""
     shutdown(drain=finished)
     if finished:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        assert left_group(), "shutdown did not record leaving the group init_from_env joined"
+        exit_skipping_finalization(0)
 
 
 def free_port() -> int:
@@ -197,3 +191,24 @@ def test_single_process_without_torchrun(monkeypatch):
     _, got = run_step(DistributedTrainer(dist_model, cfg, state, reference=tiny_qwen3(seed=1)), batch, adv)
     assert got == pytest.approx(want, rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), dist_model.parameters()))
+
+
+def test_exit_skipping_finalization_runs_exit_handlers_and_keeps_output():
+    """exit_skipping_finalization keeps the exit code, runs the atexit handlers (logging's among
+    them: a MemoryHandler delivers its record only when logging shuts down) and flushes stdout to a
+    pipe, but does not wait for a running non-daemon thread, as interpreter finalization would."""
+    script = (
+        "import atexit, logging, logging.handlers, sys, threading, time\n"
+        "from codraft.distributed import exit_skipping_finalization\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "logging.getLogger('x').addHandler(logging.handlers.MemoryHandler(1000, logging.CRITICAL, logging.StreamHandler(sys.stderr)))\n"
+        "logging.getLogger('x').warning('logged')\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+        "print('written')\n"
+        "exit_skipping_finalization(3)\n"
+    )
+    env = {k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe is then block-buffered
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 3
+    assert proc.stdout.splitlines()[-2:] == ["written", "exit handler ran"]
+    assert "logged" in proc.stderr.splitlines()
