@@ -8,10 +8,9 @@
     stats = trainer.update(batch, scored, adv)                 # same gradient as one process
     weights = full_state_dict(policy, state)                   # full HF-named weights, main rank only
 
-Launch: `torchrun --nproc-per-node 8 -m codraft ...` on one node; several nodes add
-`--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT` (see README.md, "Scaling out"). Without
-torchrun the world size is 1, no process group is created and every function is a no-op (but
-`exit_skipping_finalization`, which ends the process).
+Launch: `torchrun --nproc-per-node 8 -m codraft ...`; several nodes add `--nnodes N --rdzv-backend
+c10d --rdzv-endpoint HOST:PORT` (README.md, "Scaling out"). Without torchrun the world size is 1,
+no group is created and every function but `exit_skipping_finalization` is a no-op.
 
 Who does what in a step (synchronous, single rollout engine):
 - The main rank (rank 0) owns the rollout engine, the rewards and the drafter controller. It pushes
@@ -37,9 +36,9 @@ FSDP2 with a gradient divide factor of 1) instead of averaging them. Clipping th
 gradient, non-finite steps are skipped on every rank alike, and the diagnostics are summed over
 ranks before they are divided by the global token count.
 
-Checkpoints: under DDP every rank holds the whole state and rank 0 saves it; under FSDP2 the
-trainer's `sharded_state_dict` (its shards of the policy and of the AdamW state) is saved and loaded
-by every rank through torch.distributed.checkpoint, next to what rank 0 saves (codraft.checkpoint).
+Checkpoints: under DDP every rank holds the whole state and rank 0 saves it; under FSDP2 every
+rank saves and loads the trainer's `sharded_state_dict` (its shards of the policy and the AdamW
+state) through torch.distributed.checkpoint, next to what rank 0 saves (codraft.checkpoint).
 
 Tested here: CPU, gloo, 2 processes, DDP and FSDP2 against a single-process update. Not tested:
 GPUs, NCCL, several nodes, vLLM tensor parallelism next to training ranks.
@@ -109,11 +108,10 @@ def shutdown(drain: bool = True) -> None:
     the one init_from_env joined).
 
     drain: first wait at a barrier (gloo's waits for every collective queued before it). A gloo
-    group destroyed while a collective is still queued deadlocks: its destructor, called with the
-    GIL held (from `destroy_process_group` or from a DDP reducer that outlives it), waits for the
-    queue to empty, and the worker thread finishing that collective waits for the GIL to free its
-    tensors (seen in the two-rank DDP test). Pass False when leaving on an error: the other ranks
-    may never reach the barrier."""
+    group destroyed with a collective still queued deadlocks: its destructor, holding the GIL (in
+    `destroy_process_group` or a DDP reducer that outlives it), waits for the queue, and the worker
+    finishing that collective waits for the GIL to free its tensors (seen in the two-rank DDP
+    test). Pass False when leaving on an error: the other ranks may never reach the barrier."""
     global _group
     if dist.is_initialized():
         if drain:
@@ -129,20 +127,18 @@ def left_group() -> bool:
 
 
 def exit_skipping_finalization(code: int) -> NoReturn:
-    """End the process with `code` after its atexit handlers (logging's flush among them, vLLM's
-    and multiprocessing's clean-ups) and a flush of stdout and stderr, but without interpreter
-    finalization (os._exit). For a process that left a process group: FSDP2 keeps a reference to
-    the group, so gloo's worker threads can outlive destroy_process_group, and before Python 3.14
-    such a thread that takes the GIL once finalization has begun (torch does, to release a tensor's
-    Python object) is ended with pthread_exit; unwinding through a noexcept C++ frame then aborts
-    the process ("terminate called without an active exception", SIGABRT; pytorch/pytorch issues
-    38228 and 190489). Seen once, in a spawned two-rank FSDP2 test rank, at or before its exit (CI,
-    2026-12-02); where it aborted is not known.
+    """End the process with `code` after its atexit handlers (logging's flush, vLLM's and
+    multiprocessing's clean-ups) and a flush of stdout and stderr, without interpreter finalization
+    (os._exit). For a process that left a process group: FSDP2 keeps a reference to the group, so
+    gloo's worker threads can outlive destroy_process_group; before Python 3.14 such a thread that
+    takes the GIL once finalization has begun is ended with pthread_exit, and unwinding through a
+    noexcept C++ frame aborts the process (SIGABRT; pytorch/pytorch issues 38228, 190489). Seen
+    once in a spawned two-rank FSDP2 test rank (CI, 2026-12-02).
 
-    Py_FinalizeEx (3.11) first joins the non-daemon threads (skipped here: one may wait forever),
-    then runs the atexit handlers, and only then marks the interpreter finalizing, so running the
-    handlers here is as safe as in a normal exit. Skipped with the rest: the flush of C stdio
-    buffers and of Python files left open; codraft writes its outputs whole and closes them."""
+    Py_FinalizeEx (3.11) joins the non-daemon threads (skipped here: one may wait forever), runs
+    the atexit handlers, and only then marks the interpreter finalizing, so the handlers run here
+    as in a normal exit. Also skipped: the flush of C stdio buffers and of Python files left open;
+    codraft writes its outputs whole and closes them."""
     try:
         atexit._run_exitfuncs()  # a handler that raises is reported, and the others still run
         for stream in (sys.stdout, sys.stderr):
@@ -284,8 +280,8 @@ def full_state_dict(model: torch.nn.Module, state: DistState, ranks: tuple[int, 
     """The full policy weights in Hugging Face names on `ranks` ({} on the others).
 
     A collective under FSDP2 (every rank must call it): gathered into the host memory of the ranks
-    that want them (the ranks that own a rollout engine each load them into theirs). A LoRA model's adapters come back merged into the base weights
-    (codraft.lora.merged_state_dict), which is what the engine serves.
+    that want them (each rank that owns a rollout engine loads them into it). A LoRA model's
+    adapters come back merged into the base weights (codraft.lora.merged_state_dict), as served.
     """
     from codraft import lora
 
@@ -302,10 +298,8 @@ def full_state_dict(model: torch.nn.Module, state: DistState, ranks: tuple[int, 
                 full = shard.full_tensor() if hasattr(shard, "full_tensor") else shard
                 if wanted:
                     weights[name] = full.detach().cpu()
-    elif wanted:
-        weights = local.state_dict()
     else:
-        weights = {}
+        weights = local.state_dict() if wanted else {}
     if not wanted:
         return {}
     return lora.merged_state_dict(local, weights) if lora.is_lora(local) else weights
