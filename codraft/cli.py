@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise
     if from_shell and left_torchrun_group():
-        from codraft.distributed import exit_skipping_finalization
+        from codraft.process_exit import exit_skipping_finalization
 
         exit_skipping_finalization(code)
     return code
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def left_torchrun_group() -> bool:
     """Whether this process joined a torchrun process group and has left it: it then exits without
-    interpreter finalization (codraft.distributed.exit_skipping_finalization says why). Read from
+    interpreter finalization (codraft.process_exit says why). Read from
     sys.modules, so that commands that never train import no torch."""
     distributed = sys.modules.get("codraft.distributed")
     return distributed is not None and distributed.left_group()

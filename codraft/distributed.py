@@ -10,7 +10,7 @@
 
 Launch: `torchrun --nproc-per-node 8 -m codraft ...`; several nodes add `--nnodes N --rdzv-backend
 c10d --rdzv-endpoint HOST:PORT` (README.md, "Scaling out"). Without torchrun the world size is 1,
-no group is created and every function but `exit_skipping_finalization` is a no-op.
+no group is created and every function is a no-op.
 
 Who does what in a step (synchronous, single rollout engine):
 - The main rank (rank 0) owns the rollout engine, the rewards and the drafter controller. It pushes
@@ -45,14 +45,12 @@ GPUs, NCCL, several nodes, vLLM tensor parallelism next to training ranks.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime
 import inspect
 import os
-import sys
 from dataclasses import dataclass, replace
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -124,28 +122,6 @@ def shutdown(drain: bool = True) -> None:
 def left_group() -> bool:
     """Whether this process joined torchrun's process group (init_from_env) and left it (shutdown)."""
     return _group == "left"
-
-
-def exit_skipping_finalization(code: int) -> NoReturn:
-    """End the process with `code` after its atexit handlers (logging's flush, vLLM's and
-    multiprocessing's clean-ups) and a flush of stdout and stderr, without interpreter finalization
-    (os._exit). For a process that left a process group: FSDP2 keeps a reference to the group, so
-    gloo's worker threads can outlive destroy_process_group; before Python 3.14 such a thread that
-    takes the GIL once finalization has begun is ended with pthread_exit, and unwinding through a
-    noexcept C++ frame aborts the process (SIGABRT; pytorch/pytorch issues 38228, 190489). Seen
-    once in a spawned two-rank FSDP2 test rank (CI, 2026-12-02).
-
-    Py_FinalizeEx (3.11) joins the non-daemon threads (skipped here: one may wait forever), runs
-    the atexit handlers, and only then marks the interpreter finalizing, so the handlers run here
-    as in a normal exit. Also skipped: the flush of C stdio buffers and of Python files left open;
-    codraft writes its outputs whole and closes them."""
-    try:
-        atexit._run_exitfuncs()  # a handler that raises is reported, and the others still run
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a closed pipe, or no stream
-                stream.flush()
-    finally:
-        os._exit(code)
 
 
 def barrier(state: DistState) -> None:

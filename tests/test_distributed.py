@@ -17,9 +17,10 @@ import torch
 
 from codraft.batch import make_batch
 from codraft.config import GRPOConfig
-from codraft.distributed import DistConfig, DistributedTrainer, DistState, broadcast_object, exit_skipping_finalization, full_state_dict, init_from_env, left_group, shard_rows, shutdown, wrap_policy
+from codraft.distributed import DistConfig, DistributedTrainer, DistState, broadcast_object, full_state_dict, init_from_env, left_group, shard_rows, shutdown, wrap_policy
 from codraft.grpo import GRPOTrainer
 from codraft.lora import LoRAConfig, apply_lora, merged_state_dict
+from codraft.process_exit import exit_skipping_finalization
 from conftest import child_env
 
 VOCAB = 64
@@ -99,7 +100,7 @@ def _rank_main(rank: int, world: int, port: int, strategy: str, out: str) -> Non
 
 def end_rank(finished: bool) -> None:
     """Leave the process group; a rank that finished then exits without interpreter finalization,
-    as a `codraft` torchrun rank does (distributed.exit_skipping_finalization says why: once, in CI,
+    as a `codraft` torchrun rank does (codraft.process_exit says why: once, in CI,
     2026-12-02, rank 1 of test_two_fsdp_ranks_resume_exactly aborted with "terminate called without
     an active exception"). It does not help if an abort comes earlier, which the faulthandler each
     rank enables would then show. A rank that raised, or whose shutdown raised, still leaves with
@@ -199,7 +200,7 @@ def test_exit_skipping_finalization_runs_exit_handlers_and_keeps_output():
     pipe, but does not wait for a running non-daemon thread, as interpreter finalization would."""
     script = (
         "import atexit, logging, logging.handlers, sys, threading, time\n"
-        "from codraft.distributed import exit_skipping_finalization\n"
+        "from codraft.process_exit import exit_skipping_finalization\n"
         "atexit.register(lambda: print('exit handler ran'))\n"
         "logging.getLogger('x').addHandler(logging.handlers.MemoryHandler(1000, logging.CRITICAL, logging.StreamHandler(sys.stderr)))\n"
         "logging.getLogger('x').warning('logged')\n"
